@@ -1,0 +1,282 @@
+//! Cookie names, the `Cookie` request header and `Set-Cookie` lines.
+
+use crate::session::{Channel, CHANNELS};
+use std::time::{Duration, UNIX_EPOCH};
+
+/// A `Set-Cookie` value (name=value; attributes) never exceeds this.
+pub const MAX_SET_COOKIE: usize = 4096;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SameSite {
+    Lax,
+    Strict,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecureMode {
+    /// `Secure` when the request is HTTPS.
+    Auto,
+    Always,
+    Never,
+}
+
+/// How our cookies are named and what attributes they carry.
+#[derive(Clone, Debug)]
+pub struct CookieSpec {
+    names: [String; 4],
+    pub path: String,
+    pub domain: Option<String>,
+    pub same_site: SameSite,
+    pub secure: SecureMode,
+    pub dev_insecure: bool,
+}
+
+impl CookieSpec {
+    pub fn new(
+        base: &str,
+        path: String,
+        domain: Option<String>,
+        same_site: SameSite,
+        secure: SecureMode,
+        dev_insecure: bool,
+    ) -> CookieSpec {
+        let names = if dev_insecure {
+            [
+                base.to_string(),
+                format!("{base}-t"),
+                format!("{base}-s"),
+                format!("{base}-st"),
+            ]
+        } else {
+            [
+                base.to_string(),
+                format!("{base}-t"),
+                format!("__Secure-{base}"),
+                format!("__Secure-{base}-t"),
+            ]
+        };
+        CookieSpec {
+            names,
+            path,
+            domain,
+            same_site,
+            secure,
+            dev_insecure,
+        }
+    }
+
+    pub fn name(&self, ch: Channel) -> &str {
+        &self.names[ch.index()]
+    }
+
+    /// Which channel a cookie name belongs to (case-insensitive, so that an
+    /// upstream cannot slip `GIMLET=` past the filter).
+    pub fn channel_of(&self, name: &str) -> Option<Channel> {
+        CHANNELS
+            .into_iter()
+            .find(|ch| self.names[ch.index()].eq_ignore_ascii_case(name))
+    }
+
+    fn secure_attr(&self, ch: Channel, https: bool) -> bool {
+        if self.dev_insecure {
+            return false;
+        }
+        ch.secure()
+            || match self.secure {
+                SecureMode::Always => true,
+                SecureMode::Never => false,
+                SecureMode::Auto => https,
+            }
+    }
+
+    /// `name=value; attributes` for setting a cookie. `expires_ms` is the
+    /// absolute end for permanent cookies (`Max-Age` and `Expires`), `None`
+    /// for browser-session cookies.
+    pub fn set_line(
+        &self,
+        ch: Channel,
+        value: &str,
+        expires_ms: Option<u64>,
+        now_ms: u64,
+        https: bool,
+    ) -> String {
+        let mut s = String::with_capacity(self.attrs_len() + value.len() + 96);
+        s.push_str(self.name(ch));
+        s.push('=');
+        s.push_str(value);
+        if let Some(exp) = expires_ms {
+            let max_age = exp.saturating_sub(now_ms).div_ceil(1000);
+            s.push_str("; Max-Age=");
+            s.push_str(&max_age.to_string());
+            s.push_str("; Expires=");
+            s.push_str(&http_date(now_ms / 1000 + max_age));
+        }
+        self.push_attrs(&mut s, ch, https);
+        s
+    }
+
+    /// A line that deletes the cookie.
+    pub fn clear_line(&self, ch: Channel, https: bool) -> String {
+        let mut s = String::with_capacity(self.attrs_len() + 64);
+        s.push_str(self.name(ch));
+        s.push_str("=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT");
+        self.push_attrs(&mut s, ch, https);
+        s
+    }
+
+    /// Bytes a `Set-Cookie` line takes besides the value (upper bound, for
+    /// deciding whether clientside values fit).
+    pub fn overhead(&self, ch: Channel) -> usize {
+        // name + "=" + "; Max-Age=" (up to 11 digits) + "; Expires=" + 29-byte date
+        self.name(ch).len() + 1 + 10 + 11 + 10 + 29 + self.attrs_len()
+    }
+
+    fn attrs_len(&self) -> usize {
+        // "; Path=" + path + "; Domain=" + domain + "; HttpOnly; Secure; SameSite=Strict"
+        7 + self.path.len() + self.domain.as_ref().map_or(0, |d| 9 + d.len()) + 36
+    }
+
+    fn push_attrs(&self, s: &mut String, ch: Channel, https: bool) {
+        s.push_str("; Path=");
+        s.push_str(&self.path);
+        if let Some(d) = &self.domain {
+            s.push_str("; Domain=");
+            s.push_str(d);
+        }
+        s.push_str("; HttpOnly");
+        if self.secure_attr(ch, https) {
+            s.push_str("; Secure");
+        }
+        s.push_str(match self.same_site {
+            SameSite::Lax => "; SameSite=Lax",
+            SameSite::Strict => "; SameSite=Strict",
+            SameSite::None => "; SameSite=None",
+        });
+    }
+}
+
+fn http_date(unix_secs: u64) -> String {
+    httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(unix_secs))
+}
+
+/// Iterate over `name=value` pairs of one `Cookie` header value. Pairs without
+/// `=` are skipped (browsers do not send them for our cookies).
+pub fn pairs(header: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
+    header.split(|&b| b == b';').filter_map(|part| {
+        let part = trim(part);
+        let eq = part.iter().position(|&b| b == b'=')?;
+        Some((trim(&part[..eq]), trim(&part[eq + 1..])))
+    })
+}
+
+fn trim(mut b: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = b {
+        if first.is_ascii_whitespace() {
+            b = rest;
+        } else {
+            break;
+        }
+    }
+    while let [rest @ .., last] = b {
+        if last.is_ascii_whitespace() {
+            b = rest;
+        } else {
+            break;
+        }
+    }
+    b
+}
+
+/// The `Cookie` header to send upstream: every `Cookie` field of the request
+/// (HTTP/2 clients send several) merged into one, minus our own cookies.
+/// `None` when nothing is left.
+pub fn strip_ours<'a>(spec: &CookieSpec, headers: impl Iterator<Item = &'a [u8]>) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    for h in headers {
+        for part in h.split(|&b| b == b';') {
+            let part = trim(part);
+            if part.is_empty() {
+                continue;
+            }
+            let name = part.iter().position(|&b| b == b'=').map_or(part, |eq| trim(&part[..eq]));
+            if std::str::from_utf8(name).is_ok_and(|n| spec.channel_of(n).is_some()) {
+                continue;
+            }
+            if !out.is_empty() {
+                out.extend_from_slice(b"; ");
+            }
+            out.extend_from_slice(part);
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+/// Name of the cookie a `Set-Cookie` line sets.
+pub fn set_cookie_name(line: &[u8]) -> &[u8] {
+    let end = line
+        .iter()
+        .position(|&b| b == b'=' || b == b';')
+        .unwrap_or(line.len());
+    trim(&line[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> CookieSpec {
+        CookieSpec::new("gimlet", "/".into(), None, SameSite::Lax, SecureMode::Auto, false)
+    }
+
+    #[test]
+    fn names() {
+        let s = spec();
+        assert_eq!(s.name(Channel::Perm), "gimlet");
+        assert_eq!(s.name(Channel::Trans), "gimlet-t");
+        assert_eq!(s.name(Channel::SecurePerm), "__Secure-gimlet");
+        assert_eq!(s.name(Channel::SecureTrans), "__Secure-gimlet-t");
+        assert_eq!(s.channel_of("GIMLET"), Some(Channel::Perm));
+        assert_eq!(s.channel_of("__secure-gimlet-t"), Some(Channel::SecureTrans));
+        assert_eq!(s.channel_of("gimlet2"), None);
+        let d = CookieSpec::new("g", "/".into(), None, SameSite::Lax, SecureMode::Auto, true);
+        assert_eq!(d.name(Channel::SecurePerm), "g-s");
+        assert_eq!(d.name(Channel::SecureTrans), "g-st");
+    }
+
+    #[test]
+    fn set_lines() {
+        let s = spec();
+        let l = s.set_line(Channel::Perm, "abc", Some(10_000 + 3_600_000), 10_000, false);
+        assert_eq!(
+            l,
+            "gimlet=abc; Max-Age=3600; Expires=Thu, 01 Jan 1970 01:00:10 GMT; Path=/; HttpOnly; SameSite=Lax"
+        );
+        assert!(l.len() <= "gimlet=abc".len() + s.overhead(Channel::Perm));
+        let t = s.set_line(Channel::Trans, "x", None, 0, true);
+        assert_eq!(t, "gimlet-t=x; Path=/; HttpOnly; Secure; SameSite=Lax");
+        let sec = s.set_line(Channel::SecurePerm, "x", None, 0, false);
+        assert!(sec.contains("; Secure"));
+        let c = s.clear_line(Channel::Perm, false);
+        assert!(c.starts_with("gimlet=; Max-Age=0;"));
+    }
+
+    #[test]
+    fn cookie_pairs_and_strip() {
+        let h = b"a=1; gimlet=xyz ;b= 2; flag; GIMLET-T=q";
+        let v: Vec<_> = pairs(h).collect();
+        assert_eq!(v[1], (&b"gimlet"[..], &b"xyz"[..]));
+        assert_eq!(v.len(), 4);
+        let s = spec();
+        let out = strip_ours(&s, [&h[..], &b"c=3; __Secure-gimlet=1"[..]].into_iter()).unwrap();
+        assert_eq!(out, b"a=1; b= 2; flag; c=3");
+        assert!(strip_ours(&s, [&b"gimlet=1"[..]].into_iter()).is_none());
+    }
+
+    #[test]
+    fn set_cookie_names() {
+        assert_eq!(set_cookie_name(b"gimlet=1; Path=/"), b"gimlet");
+        assert_eq!(set_cookie_name(b" other = 2"), b"other");
+        assert_eq!(set_cookie_name(b"novalue"), b"novalue");
+    }
+}

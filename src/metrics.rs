@@ -1,0 +1,151 @@
+//! Prometheus metrics (SPEC section 9), in a registry owned by the process
+//! (not the global one) so each gateway instance counts on its own.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_duration: HistogramVec,
+    pub sessions: IntCounterVec,
+    pub cookies_rejected: IntCounterVec,
+    pub directives: IntCounterVec,
+    pub directive_errors: IntCounterVec,
+    pub store_ops: IntCounterVec,
+    pub store_duration: HistogramVec,
+    pub set_cookie_bytes: Histogram,
+    pub config_reloads: IntCounterVec,
+    pub build_info: IntGaugeVec,
+    pub forward_too_large: IntCounterVec,
+    pub upstream_cookies_dropped: IntCounter,
+}
+
+const LATENCY: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const STORE_LATENCY: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
+            r.register(Box::new(c.clone())).expect("metric names are unique");
+            c
+        }
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            reg(&registry, IntCounterVec::new(Opts::new(name, help), labels).unwrap())
+        };
+        let histo = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
+            reg(
+                &registry,
+                HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels).unwrap(),
+            )
+        };
+        let m = Metrics {
+            requests: counter("gimlet_requests_total", "Requests answered, by route and status.", &["route", "status"]),
+            request_duration: histo(
+                "gimlet_request_duration_seconds",
+                "Time from request start to the end of the response, by route.",
+                &["route"],
+                LATENCY,
+            ),
+            upstream_duration: histo(
+                "gimlet_upstream_duration_seconds",
+                "Time from choosing an upstream to its response header, by route.",
+                &["route"],
+                LATENCY,
+            ),
+            sessions: counter("gimlet_sessions_total", "Session lifecycle events.", &["event"]),
+            cookies_rejected: counter(
+                "gimlet_cookies_rejected_total",
+                "Request cookies treated as no session, by reason.",
+                &["reason"],
+            ),
+            directives: counter("gimlet_directives_total", "Directives applied, by kind.", &["directive"]),
+            directive_errors: counter(
+                "gimlet_directive_errors_total",
+                "Responses whose directives were rejected, by reason.",
+                &["reason"],
+            ),
+            store_ops: counter(
+                "gimlet_store_operations_total",
+                "Store round trips, by operation and result.",
+                &["op", "result"],
+            ),
+            store_duration: histo(
+                "gimlet_store_duration_seconds",
+                "Store round trip time, by operation.",
+                &["op"],
+                STORE_LATENCY,
+            ),
+            set_cookie_bytes: reg(
+                &registry,
+                Histogram::with_opts(
+                    HistogramOpts::new("gimlet_set_cookie_bytes", "Size of each Set-Cookie value sent.")
+                        .buckets(vec![64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 3072.0, 4096.0]),
+                )
+                .unwrap(),
+            ),
+            config_reloads: counter("gimlet_config_reloads_total", "Config reloads (SIGHUP), by result.", &["result"]),
+            build_info: reg(
+                &registry,
+                IntGaugeVec::new(Opts::new("gimlet_build_info", "Build information."), &["version"]).unwrap(),
+            ),
+            forward_too_large: counter(
+                "gimlet_forward_too_large_total",
+                "Requests answered 500 because the readable session exceeded limits.forward_bytes.",
+                &["route"],
+            ),
+            upstream_cookies_dropped: reg(
+                &registry,
+                IntCounter::new(
+                    "gimlet_upstream_cookies_dropped_total",
+                    "Set-Cookie lines from upstreams that used the gateway's cookie names.",
+                )
+                .unwrap(),
+            ),
+            registry,
+        };
+        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        // Pre-create the fixed label sets so that every family shows at 0.
+        for e in ["created", "regenerated", "destroyed", "expired"] {
+            m.sessions.with_label_values(&[e]);
+        }
+        for r in ["bad_mac", "malformed", "expired", "unknown_key"] {
+            m.cookies_rejected.with_label_values(&[r]);
+        }
+        for d in crate::session::write_labels() {
+            m.directives.with_label_values(&[d]);
+        }
+        for op in ["read", "write"] {
+            for res in ["ok", "error", "timeout"] {
+                m.store_ops.with_label_values(&[op, res]);
+            }
+        }
+        for r in ["ok", "error"] {
+            m.config_reloads.with_label_values(&[r]);
+        }
+        m
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        buf
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

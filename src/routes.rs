@@ -1,0 +1,192 @@
+//! Routing: host (exact, `*.suffix`, or any) and the longest path prefix on a
+//! segment boundary; round robin over each route's upstream addresses.
+
+use crate::config::RouteConfig;
+use crate::directives::normalized_name;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+pub struct Route {
+    pub cfg: RouteConfig,
+    pub upstreams: Vec<SocketAddr>,
+    /// Normalized names of the route's `headers:` map (stripped from clients).
+    pub mapped_names: Vec<String>,
+    next: AtomicUsize,
+}
+
+impl Route {
+    /// The next upstream, round robin.
+    pub fn pick(&self) -> SocketAddr {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        self.upstreams[i % self.upstreams.len()]
+    }
+}
+
+pub struct Router {
+    /// Routes in match priority order.
+    routes: Vec<Route>,
+}
+
+enum HostRank {
+    Exact = 0,
+    Wildcard = 1,
+    Any = 2,
+}
+
+fn rank(host: &Option<String>) -> usize {
+    match host {
+        None => HostRank::Any as usize,
+        Some(h) if h.starts_with("*.") => HostRank::Wildcard as usize,
+        Some(_) => HostRank::Exact as usize,
+    }
+}
+
+impl Router {
+    /// Build the table, resolving each upstream `host:port` (done once, when
+    /// the gateway starts or reloads).
+    pub fn new(cfgs: &[RouteConfig]) -> Result<Router, String> {
+        let mut routes = Vec::with_capacity(cfgs.len());
+        for (i, c) in cfgs.iter().enumerate() {
+            let mut upstreams = Vec::new();
+            for (j, u) in c.upstreams.iter().enumerate() {
+                let addr = u
+                    .to_socket_addrs()
+                    .map_err(|e| format!("routes[{i}].upstreams[{j}]: cannot resolve `{u}`: {e}"))?
+                    .next()
+                    .ok_or_else(|| format!("routes[{i}].upstreams[{j}]: `{u}` resolves to no address"))?;
+                upstreams.push(addr);
+            }
+            routes.push((
+                (rank(&c.host), usize::MAX - c.path_prefix.len(), i),
+                Route {
+                    cfg: c.clone(),
+                    upstreams,
+                    mapped_names: c.headers.iter().map(|(h, _)| normalized_name(h)).collect(),
+                    next: AtomicUsize::new(0),
+                },
+            ));
+        }
+        routes.sort_by_key(|(k, _)| *k);
+        Ok(Router {
+            routes: routes.into_iter().map(|(_, r)| r).collect(),
+        })
+    }
+
+    /// The route for a request. `host` may carry a port; it is ignored.
+    /// The index (into [`Router::routes`]) of the route for a request.
+    pub fn find(&self, host: Option<&str>, path: &str) -> Option<usize> {
+        let host = host.map(strip_port);
+        self.routes.iter().position(|r| {
+            host_matches(r.cfg.host.as_deref(), host) && prefix_matches(&r.cfg.path_prefix, path)
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| r.cfg.name == name)
+    }
+
+    pub fn routes(&self) -> &[Route] {
+        &self.routes
+    }
+}
+
+fn strip_port(h: &str) -> &str {
+    if let Some(rest) = h.strip_prefix('[') {
+        // [v6]:port
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    match h.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+        _ => h,
+    }
+}
+
+fn host_matches(pattern: Option<&str>, host: Option<&str>) -> bool {
+    let Some(pattern) = pattern else { return true };
+    let Some(host) = host else { return false };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    match pattern.strip_prefix("*.") {
+        // One or more labels before the suffix, never the bare suffix.
+        Some(suffix) => {
+            host.len() > suffix.len() + 1
+                && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix)
+                && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+        }
+        None => host.eq_ignore_ascii_case(pattern),
+    }
+}
+
+/// `/api` matches `/api` and `/api/x`, not `/apix`.
+fn prefix_matches(prefix: &str, path: &str) -> bool {
+    path.starts_with(prefix)
+        && (prefix.ends_with('/') || path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{OnDirectiveError, OnMissing};
+    use crate::session::KeySet;
+    use std::time::Duration;
+
+    fn route(name: &str, host: Option<&str>, prefix: &str) -> RouteConfig {
+        RouteConfig {
+            name: name.into(),
+            host: host.map(Into::into),
+            path_prefix: prefix.into(),
+            upstreams: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
+            read: KeySet::All,
+            write: KeySet::All,
+            headers: vec![],
+            require: vec![],
+            on_missing: OnMissing::Status(401),
+            on_directive_error: OnDirectiveError::Reject,
+            connect_timeout: Duration::from_secs(1),
+            read_timeout: Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn ranking() {
+        let r = Router::new(&[
+            route("any", None, "/"),
+            route("any-api", None, "/api"),
+            route("wild", Some("*.example.com"), "/"),
+            route("exact", Some("app.example.com"), "/"),
+            route("exact-acct", Some("app.example.com"), "/account"),
+            route("dup", Some("app.example.com"), "/account"),
+        ])
+        .unwrap();
+        let f = |h: Option<&str>, p: &str| r.find(h, p).map(|i| r.routes()[i].cfg.name.as_str());
+        assert_eq!(f(Some("app.example.com"), "/"), Some("exact"));
+        assert_eq!(f(Some("APP.example.com:8080"), "/account/x"), Some("exact-acct"));
+        assert_eq!(f(Some("app.example.com"), "/accounts"), Some("exact"));
+        assert_eq!(f(Some("app.example.com"), "/api/x"), Some("exact"));
+        assert_eq!(f(Some("a.b.example.com"), "/api"), Some("wild"));
+        assert_eq!(f(Some("example.com"), "/api"), Some("any-api"));
+        assert_eq!(f(Some("other.org"), "/apix"), Some("any"));
+        assert_eq!(f(None, "/api"), Some("any-api"));
+    }
+
+    #[test]
+    fn no_match_and_round_robin() {
+        let r = Router::new(&[route("a", Some("a.test"), "/x")]).unwrap();
+        assert!(r.find(Some("a.test"), "/").is_none());
+        assert!(r.find(Some("b.test"), "/x").is_none());
+        let rt = &r.routes()[r.find(Some("a.test"), "/x/y").unwrap()];
+        let a = rt.pick();
+        let b = rt.pick();
+        assert_ne!(a, b);
+        assert_eq!(rt.pick(), a);
+    }
+
+    #[test]
+    fn ports_and_v6() {
+        assert_eq!(strip_port("a.b:80"), "a.b");
+        assert_eq!(strip_port("[::1]:80"), "::1");
+        assert_eq!(strip_port("a.b"), "a.b");
+        assert!(prefix_matches("/", "/anything"));
+        assert!(prefix_matches("/api/", "/api/x"));
+        assert!(!prefix_matches("/api/", "/api"));
+    }
+}

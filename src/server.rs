@@ -1,0 +1,207 @@
+//! Wiring: build the pingora server from a [`Config`], run it, reload it.
+//!
+//! Signals: SIGTERM drains (in-flight requests finish within
+//! `server.grace_period`), SIGINT stops at once, SIGHUP reloads routes, keys
+//! and secrets from the same file (an invalid file keeps the running config).
+
+use crate::admin::AdminApp;
+use crate::config::{Config, StoreKind};
+use crate::metrics::Metrics;
+use crate::proxy::{Gateway, Shared, State};
+use crate::store::{embedded::EmbeddedStore, memory::MemoryStore, redis::RedisStore, Store};
+use async_trait::async_trait;
+use pingora::apps::http_app::HttpServer;
+use pingora::listeners::tls::TlsSettings;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Open the configured store. Embedded opens its file now (a startup error
+/// if it cannot); Redis connects lazily inside the proxy's runtime.
+pub fn open_store(config: &Config) -> Result<Option<Store>, String> {
+    Ok(match &config.store.kind {
+        StoreKind::None => None,
+        StoreKind::Memory => Some(Store::Memory(MemoryStore::new())),
+        StoreKind::Embedded { path } => Some(Store::Embedded(
+            EmbeddedStore::open(path).map_err(|e| format!("store.path: {e}"))?,
+        )),
+        StoreKind::Redis(r) => Some(Store::Redis(RedisStore::new(r.clone(), config.store.timeout)?)),
+    })
+}
+
+/// Port 0 means "any free port": pick one now so it can be printed (and read
+/// by tests and scripts). The listener binds it a moment later.
+fn concrete(addr: SocketAddr) -> Result<SocketAddr, String> {
+    if addr.port() != 0 {
+        return Ok(addr);
+    }
+    std::net::TcpListener::bind(addr)
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("cannot find a free port on {}: {e}", addr.ip()))
+}
+
+/// Serve until a signal says stop. `extra` services (the demo app) run in the
+/// same server.
+pub fn run(
+    config: Config,
+    extra: Vec<Box<dyn pingora::services::ServiceWithDependents>>,
+) -> Result<(), String> {
+    if config.session.settings.dev_insecure {
+        tracing::warn!("session.dev_insecure is ON: every request counts as HTTPS and cookies lose Secure. Never use this in production.");
+        eprintln!("gimlet: WARNING: session.dev_insecure is on (local development only)");
+    }
+    let store = open_store(&config)?;
+    let state = State::new(config.clone())?;
+    let shared = Arc::new(Shared {
+        state: arc_swap::ArcSwap::from_pointee(state),
+        store,
+        metrics: Metrics::new(),
+    });
+
+    let grace = config.server.grace_period.as_secs().max(if config.server.grace_period.is_zero() { 0 } else { 1 });
+    let mut conf = ServerConf {
+        threads: config.server.threads,
+        grace_period_seconds: Some(grace),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..Default::default()
+    };
+    // Graceful upgrade is not used; keep its socket out of shared /tmp names.
+    let run_dir = std::env::temp_dir().join(format!("gimlet-{}", std::process::id()));
+    conf.upgrade_sock = run_dir.join("upgrade.sock").to_string_lossy().into_owned();
+    conf.pid_file = run_dir.join("gimlet.pid").to_string_lossy().into_owned();
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Gateway {
+            shared: shared.clone(),
+        },
+        "gimlet proxy",
+    );
+    let mut lines = Vec::new();
+    for l in &config.listen {
+        let addr = concrete(l.addr)?;
+        match &l.tls {
+            Some(t) => {
+                let mut tls = TlsSettings::intermediate(
+                    &t.cert.to_string_lossy(),
+                    &t.key.to_string_lossy(),
+                )
+                .map_err(|e| format!("listen {addr}: TLS certificate or key: {e}"))?;
+                tls.enable_h2();
+                proxy.add_tls_with_settings(&addr.to_string(), None, tls);
+                lines.push(format!("gimlet listening on https://{addr}"));
+            }
+            None => {
+                proxy.add_tcp(&addr.to_string());
+                lines.push(format!("gimlet listening on http://{addr}"));
+            }
+        }
+    }
+    server.add_service(proxy);
+
+    if let Some(addr) = config.admin {
+        let addr = concrete(addr)?;
+        let mut admin = Service::new(
+            "gimlet admin".to_string(),
+            HttpServer::new_app(AdminApp {
+                shared: shared.clone(),
+            }),
+        );
+        admin.add_tcp(&addr.to_string());
+        server.add_service(admin);
+        lines.push(format!("gimlet admin on http://{addr}"));
+    }
+    for svc in extra {
+        server.add_boxed_service(svc);
+    }
+    server.add_service(background_service(
+        "gimlet reloader",
+        Reloader {
+            shared: shared.clone(),
+            file: config.file.clone(),
+        },
+    ));
+
+    for l in &lines {
+        println!("{l}");
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    tracing::info!(
+        store = shared.store.as_ref().map_or("none", |s| s.kind()),
+        routes = config.routes.len(),
+        "gimlet started"
+    );
+    server.run(RunArgs::default());
+    let _ = std::fs::remove_dir_all(&run_dir);
+    Ok(())
+}
+
+/// Reload on SIGHUP; sweep the memory store now and then.
+struct Reloader {
+    shared: Arc<Shared>,
+    file: PathBuf,
+}
+
+impl Reloader {
+    fn reload(&self) {
+        let m = &self.shared.metrics;
+        let result = Config::load(&self.file)
+            .map_err(|e| e.to_string())
+            .and_then(|c| {
+                let old = self.shared.state.load();
+                if c.store != old.config.store {
+                    tracing::warn!("reload: store settings changed; they take effect after a restart");
+                }
+                if c.listen != old.config.listen || c.admin != old.config.admin {
+                    tracing::warn!("reload: listener changes take effect after a restart");
+                }
+                State::new(c)
+            });
+        match result {
+            Ok(state) => {
+                let routes = state.router.routes().len();
+                let secrets = state.config.session.secrets.len();
+                self.shared.state.store(Arc::new(state));
+                m.config_reloads.with_label_values(&["ok"]).inc();
+                tracing::info!(routes, secrets, "config reloaded");
+            }
+            Err(e) => {
+                m.config_reloads.with_label_values(&["error"]).inc();
+                tracing::error!(error = %e, "config reload failed; keeping the running config");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Reloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP; reload disabled");
+                return;
+            }
+        };
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(30));
+        loop {
+            tokio::select! {
+                _ = hup.recv() => self.reload(),
+                _ = tick.tick() => {
+                    if let Some(Store::Memory(m)) = &self.shared.store {
+                        m.sweep(crate::now_ms());
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

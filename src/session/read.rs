@@ -1,0 +1,247 @@
+//! The request side: cookies in, store read plan, headers to the upstream.
+
+use super::{
+    Channel, KeySet, Meta, Rejection, Session, Settings, CHANNELS, FLAG_SPILL, FLAG_STORE,
+};
+use crate::codec::Codec;
+use crate::cookie::{self, CookieSpec};
+use percent_encoding::{AsciiSet, CONTROLS};
+
+/// What the proxy knows about the request.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestInfo {
+    pub https: bool,
+    pub now: u64,
+}
+
+/// Which store channels to read (a bit mask of [`Channel::bit`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadPlan(pub u8);
+
+impl LoadPlan {
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+    pub fn contains(self, ch: Channel) -> bool {
+        self.0 & ch.bit() != 0
+    }
+}
+
+/// Headers for the upstream, computed from the session.
+#[derive(Debug, Default)]
+pub struct Forward {
+    /// `X-Session` value: urlencoded readable keys, sorted.
+    pub x_session: Option<String>,
+    /// The route's `headers:` map entries whose key is set.
+    pub mapped: Vec<(String, String)>,
+}
+
+/// `%`, control bytes and (via `utf8_percent_encode`) every byte >= 0x80.
+const HEADER_VALUE: &AsciiSet = &CONTROLS.add(b'%');
+
+impl Session {
+    /// Read our cookies from every `Cookie` header. Secure-channel cookies are
+    /// ignored over plain HTTP (browsers do not send them; a forged one must
+    /// not reveal secure keys).
+    pub fn from_cookies<'a>(
+        codec: &Codec,
+        spec: &CookieSpec,
+        settings: &Settings,
+        headers: impl Iterator<Item = &'a [u8]>,
+        req: RequestInfo,
+    ) -> Session {
+        let mut s = Session::default();
+        let mut rejected = [false; 4];
+        for h in headers {
+            for (name, value) in cookie::pairs(h) {
+                let Some(ch) = CHANNELS
+                    .into_iter()
+                    .find(|ch| spec.name(*ch).as_bytes() == name)
+                else {
+                    continue;
+                };
+                if (ch.secure() && !req.https) || s.cookies[ch.index()].is_some() {
+                    continue;
+                }
+                let opened = std::str::from_utf8(value)
+                    .map_err(|_| Rejection::Malformed)
+                    .and_then(|v| codec.open(spec.name(ch), v));
+                match opened {
+                    Ok(o) => {
+                        s.reissue |= o.stale;
+                        s.cookies[ch.index()] = Some(o.payload);
+                    }
+                    Err(r) => {
+                        s.rejections.push(r);
+                        rejected[ch.index()] = true;
+                    }
+                }
+            }
+        }
+        // The first valid cookie in channel order names the session; a cookie
+        // of another session (a stale leftover) is dropped and cleared.
+        let primary = s.cookies.iter().flatten().next().map(|p| (p.id, p.tag));
+        let mut meta: Option<Meta> = None;
+        for ch in CHANNELS {
+            let i = ch.index();
+            let Some(p) = &s.cookies[i] else {
+                s.clear[i] = rejected[i];
+                continue;
+            };
+            if Some((p.id, p.tag)) != primary {
+                s.cookies[i] = None;
+                s.clear[i] = true;
+                continue;
+            }
+            match &mut meta {
+                None => {
+                    meta = Some(Meta {
+                        id: p.id,
+                        tag: p.tag,
+                        created: p.created,
+                        expires: p.expires,
+                        touched: p.touched,
+                    })
+                }
+                Some(m) => m.touched = m.touched.max(p.touched),
+            }
+        }
+        if let Some(m) = meta {
+            let idle_over = settings
+                .idle_timeout
+                .is_some_and(|idle| req.now >= m.touched.saturating_add(idle));
+            if req.now >= m.expires || idle_over {
+                for ch in CHANNELS {
+                    if s.cookies[ch.index()].take().is_some() {
+                        s.clear[ch.index()] = true;
+                        s.rejections.push(Rejection::Expired);
+                    }
+                }
+                s.expired = true;
+                s.reissue = false;
+                meta = None;
+            }
+        }
+        s.meta = meta;
+        s
+    }
+
+    /// Store channels to read for a route that reads `read` and also needs
+    /// `extra` keys (`require:` gate). None when the route reads no key that
+    /// could live in the store, or the cookie says the store holds nothing.
+    pub fn load_plan(&self, settings: &Settings, read: &KeySet, extra: &[String]) -> LoadPlan {
+        if self.meta.is_none() || !settings.has_store {
+            return LoadPlan(0);
+        }
+        let mut mask = 0u8;
+        for ch in CHANNELS {
+            let flags = self.flags(ch);
+            if flags & FLAG_STORE == 0 {
+                continue;
+            }
+            // A key could sit in this channel's store hash if its policy puts
+            // it there, or if it was spilled there from this channel's cookie.
+            let could_hold = |k: &str| {
+                let p = settings.policies.for_read(k);
+                p.channel() == ch && (!p.clientside || flags & FLAG_SPILL != 0)
+            };
+            let needed = match read {
+                KeySet::All => true,
+                KeySet::None => false,
+                KeySet::Only(keys) => keys.iter().any(|k| could_hold(k)),
+            } || extra.iter().any(|k| could_hold(k));
+            if needed {
+                mask |= ch.bit();
+            }
+        }
+        LoadPlan(mask)
+    }
+
+    /// The `X-Session` value and mapped headers for a route. `Err(size)` when
+    /// the readable keys would exceed `limits.forward_bytes`.
+    pub fn forward(
+        &self,
+        settings: &Settings,
+        read: &KeySet,
+        headers: &[(String, String)],
+        https: bool,
+    ) -> Result<Forward, usize> {
+        let mut out = Forward::default();
+        if self.meta.is_none() {
+            return Ok(out);
+        }
+        let visible = |k: &str| https || !settings.policies.for_read(k).secure;
+        if !read.is_none() {
+            let mut ser = form_urlencoded::Serializer::new(String::new());
+            let mut any = false;
+            for (k, v) in self.entries(settings) {
+                if read.contains(k) && visible(k) {
+                    ser.append_pair(k, v);
+                    any = true;
+                }
+            }
+            if any {
+                let s = ser.finish();
+                if s.len() > settings.limits.forward_bytes {
+                    return Err(s.len());
+                }
+                out.x_session = Some(s);
+            }
+        }
+        for (header, key) in headers {
+            if !visible(key) {
+                continue;
+            }
+            if let Some(v) = self.get(key, settings) {
+                out.mapped.push((header.clone(), encode_header_value(v)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Are all `keys` set (an empty string counts as set) and visible?
+    pub fn has_all(&self, settings: &Settings, keys: &[String], https: bool) -> bool {
+        keys.iter().all(|k| {
+            (https || !settings.policies.for_read(k).secure) && self.get(k, settings).is_some()
+        })
+    }
+}
+
+/// A value as a header: `%`, control bytes, bytes >= 0x80 and leading or
+/// trailing spaces percent-encoded, everything else as is.
+pub fn encode_header_value(v: &str) -> String {
+    let body = v.trim_matches(' ');
+    let lead = v.len() - v.trim_start_matches(' ').len();
+    let trail = if body.is_empty() {
+        0
+    } else {
+        v.len() - v.trim_end_matches(' ').len()
+    };
+    let mut s = String::with_capacity(v.len() + 8);
+    for _ in 0..lead {
+        s.push_str("%20");
+    }
+    s.extend(percent_encoding::utf8_percent_encode(body, HEADER_VALUE));
+    for _ in 0..trail {
+        s.push_str("%20");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_values() {
+        assert_eq!(encode_header_value("alice"), "alice");
+        assert_eq!(encode_header_value("a b"), "a b");
+        assert_eq!(encode_header_value(" a b  "), "%20a b%20%20");
+        assert_eq!(encode_header_value("   "), "%20%20%20");
+        assert_eq!(encode_header_value("50%\r\nX: y"), "50%25%0D%0AX: y");
+        assert_eq!(encode_header_value("é"), "%C3%A9");
+        let encoded = encode_header_value(" ü%\t ");
+        let decoded = percent_encoding::percent_decode_str(&encoded).decode_utf8().unwrap();
+        assert_eq!(decoded, " ü%\t ");
+    }
+}

@@ -1,0 +1,648 @@
+//! The response side: directives in, cookie lines and one store batch out.
+//!
+//! [`Session::apply`] validates every directive first and then computes the
+//! whole result — new cookie contents and the store [`WriteBatch`] — without
+//! side effects. The proxy performs the batch, and only when it succeeds sends
+//! the cookies: so a response's directives apply entirely or not at all.
+
+use super::{
+    Channel, KeySet, Meta, Payload, Policy, Session, SessionId, Settings, CHANNELS, FLAG_SPILL,
+    FLAG_STORE,
+};
+use crate::codec::{self, Codec};
+use crate::cookie::{CookieSpec, MAX_SET_COOKIE};
+use crate::directives::Directives;
+pub use crate::directives::DirectiveError;
+use crate::store::{ChannelWrite, LimitCheck, StoreKey, WriteBatch};
+use std::collections::BTreeMap;
+
+/// What `apply` needs besides the session.
+pub struct WriteContext<'a> {
+    pub settings: &'a Settings,
+    pub codec: &'a Codec,
+    pub spec: &'a CookieSpec,
+    pub encrypt: bool,
+    /// The route's `write:` allow-list.
+    pub write: &'a KeySet,
+    pub https: bool,
+    pub now: u64,
+}
+
+/// How one of our cookies changes in the response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CookieChange {
+    Set(String),
+    Clear(String),
+}
+
+/// Everything a response does to the session.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// `Set-Cookie` values to add to the response.
+    pub set_cookies: Vec<String>,
+    /// The store write to perform before the response is sent.
+    pub batch: Option<WriteBatch>,
+    pub created: bool,
+    pub regenerated: bool,
+    pub destroyed: bool,
+    /// Count of applied directives: set, delete, incr, regenerate, destroy.
+    pub applied: [u32; 5],
+    /// The session after the response (for the access log).
+    pub meta: Option<Meta>,
+}
+
+impl Outcome {
+    pub fn directives_applied(&self) -> u32 {
+        self.applied.iter().sum()
+    }
+}
+
+pub const DIRECTIVE_LABELS: [&str; 5] = ["set", "delete", "incr", "regenerate", "destroy"];
+
+fn err(reason: &'static str, detail: String) -> DirectiveError {
+    DirectiveError::new(reason, detail)
+}
+
+/// Working state while applying one response.
+struct Work {
+    vals: [BTreeMap<String, String>; 4],
+    flags: [u8; 4],
+    /// A cookie of the channel exists in the browser (request or new).
+    present: [bool; 4],
+    /// The channel's cookie content changed.
+    dirty: [bool; 4],
+    ops: [ChannelWrite; 4],
+    /// Server-side values known from the store read, kept in sync with ops.
+    stored: [Option<BTreeMap<String, String>>; 4],
+    /// Keys this response wrote (normalization leaves them alone).
+    written: std::collections::HashSet<String>,
+}
+
+impl Work {
+    /// Might the store hash of `ch` hold `key`?
+    fn store_may_hold(&self, ch: usize, key: &str) -> bool {
+        self.flags[ch] & FLAG_STORE != 0
+            && self.stored[ch].as_ref().is_none_or(|m| m.contains_key(key))
+    }
+
+    fn store_delete(&mut self, ch: usize, key: &str) {
+        let w = &mut self.ops[ch];
+        w.set.retain(|(k, _)| k != key);
+        w.incr.retain(|(k, _)| k != key);
+        if !w.delete.iter().any(|k| k == key) {
+            w.delete.push(key.to_string());
+        }
+        if let Some(m) = &mut self.stored[ch] {
+            m.remove(key);
+        }
+    }
+
+    fn store_set(&mut self, ch: usize, key: &str, value: String) {
+        let w = &mut self.ops[ch];
+        w.incr.retain(|(k, _)| k != key);
+        match w.set.iter_mut().find(|(k, _)| k == key) {
+            Some(e) => e.1 = value.clone(),
+            None => w.set.push((key.to_string(), value.clone())),
+        }
+        if let Some(m) = &mut self.stored[ch] {
+            m.insert(key.to_string(), value);
+        }
+    }
+
+    fn cookie_remove(&mut self, ch: usize, key: &str) -> Option<String> {
+        let v = self.vals[ch].remove(key);
+        if v.is_some() {
+            self.dirty[ch] = true;
+        }
+        v
+    }
+
+    fn cookie_set(&mut self, ch: usize, key: &str, value: String) {
+        self.vals[ch].insert(key.to_string(), value);
+        self.dirty[ch] = true;
+    }
+
+    /// Remove `key` from every place except its home.
+    fn remove_elsewhere(&mut self, key: &str, home: Channel, clientside: bool) {
+        for ch in CHANNELS {
+            let i = ch.index();
+            if !(clientside && ch == home) {
+                self.cookie_remove(i, key);
+            }
+            if !(!clientside && ch == home) && self.store_may_hold(i, key) {
+                self.store_delete(i, key);
+            }
+        }
+    }
+
+    /// Current value of `key` outside the store's unread data.
+    fn known_value(&self, key: &str, home: Channel) -> Option<String> {
+        let order = super::channel_order(home);
+        order
+            .iter()
+            .find_map(|ch| self.vals[ch.index()].get(key))
+            .or_else(|| {
+                order
+                    .iter()
+                    .find_map(|ch| self.stored[ch.index()].as_ref().and_then(|m| m.get(key)))
+            })
+            .cloned()
+    }
+}
+
+impl Session {
+    /// Compute everything `d` does to this session. Validation happens first;
+    /// on error nothing is returned to apply.
+    pub fn apply(&self, d: &Directives, cx: &WriteContext) -> Result<Outcome, DirectiveError> {
+        let s = cx.settings;
+        let touch_due = self.meta.is_some_and(|m| {
+            s.idle_timeout.is_some() && cx.now.saturating_sub(m.touched) >= s.touch_interval
+        });
+        if d.is_empty() && !self.reissue && !touch_due && !self.clear.iter().any(|c| *c) {
+            // The common read-only request: nothing to write, no Set-Cookie.
+            return Ok(Outcome {
+                meta: self.meta,
+                ..Default::default()
+            });
+        }
+        self.validate(d, cx)?;
+
+        let mut w = Work {
+            vals: Default::default(),
+            flags: [0; 4],
+            present: [false; 4],
+            dirty: [false; 4],
+            ops: Default::default(),
+            stored: self.stored.clone(),
+            written: Default::default(),
+        };
+        for ch in CHANNELS {
+            if let Some(p) = &self.cookies[ch.index()] {
+                w.vals[ch.index()] = p.values.clone();
+                w.flags[ch.index()] = p.flags;
+                w.present[ch.index()] = true;
+            }
+        }
+        let mut clear = self.clear;
+        let mut meta = self.meta;
+        let mut out = Outcome::default();
+        let mut batch_destroy = None;
+        let mut rename_from = None;
+        let had_store_data = |w: &Work| w.flags.iter().any(|f| f & FLAG_STORE != 0);
+
+        // Destroy: forget everything; a later Set starts a new session.
+        if d.destroy {
+            out.applied[4] += 1;
+            if let Some(m) = meta.take() {
+                if had_store_data(&w) && !self.degraded {
+                    batch_destroy = Some(StoreKey {
+                        id: m.id,
+                        tag: m.tag,
+                    });
+                }
+                for ch in CHANNELS {
+                    let i = ch.index();
+                    if w.present[i] {
+                        clear[i] = true;
+                    }
+                }
+                w.vals = Default::default();
+                w.flags = [0; 4];
+                w.present = [false; 4];
+                w.stored = Default::default();
+                out.destroyed = true;
+            }
+        }
+
+        // Regenerate: same data and times under a new id.
+        if d.regenerate {
+            out.applied[3] += 1;
+            if let Some(m) = &mut meta {
+                if had_store_data(&w) {
+                    rename_from = Some(m.id);
+                }
+                m.id = SessionId::random();
+                out.regenerated = true;
+                w.dirty = w.present;
+            }
+        }
+
+        for key in &d.delete {
+            out.applied[1] += 1;
+            for ch in CHANNELS {
+                w.cookie_remove(ch.index(), key);
+                if w.store_may_hold(ch.index(), key) {
+                    w.store_delete(ch.index(), key);
+                }
+            }
+            w.written.insert(key.clone());
+        }
+
+        for (key, value) in &d.set {
+            out.applied[0] += 1;
+            let p = s.policies.for_write(key).expect("validated");
+            let home = p.channel();
+            w.remove_elsewhere(key, home, p.clientside);
+            if p.clientside {
+                w.cookie_set(home.index(), key, value.clone());
+            } else {
+                w.store_set(home.index(), key, value.clone());
+            }
+            w.written.insert(key.clone());
+        }
+
+        for (key, n) in &d.incr {
+            out.applied[2] += 1;
+            let p = s.policies.for_write(key).expect("validated");
+            let home = p.channel();
+            let hi = home.index();
+            let spilled = p.clientside
+                && w.flags[hi] & FLAG_SPILL != 0
+                && !w.vals[hi].contains_key(key)
+                && w.stored[hi].is_none();
+            if p.clientside && !spilled {
+                // The browser holds the only copy: add here.
+                let next = add(w.known_value(key, home), key, *n)?;
+                w.remove_elsewhere(key, home, true);
+                w.cookie_set(hi, key, next.to_string());
+            } else if let Some(v) = w.ops[hi]
+                .set
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone())
+                .or_else(|| CHANNELS.iter().find_map(|c| w.vals[c.index()].get(key).cloned()))
+            {
+                // Set earlier in this response, or still in a cookie from
+                // before a policy change: the value is known here.
+                let next = add(Some(v), key, *n)?;
+                w.remove_elsewhere(key, home, false);
+                w.store_set(hi, key, next.to_string());
+            } else {
+                // Server-side: the store adds atomically, so concurrent Incrs
+                // (across gateways) never lose a count.
+                let e = &mut w.ops[hi];
+                match e.incr.iter_mut().find(|(k, _)| k == key) {
+                    Some(x) => {
+                        x.1 = x.1.checked_add(*n).ok_or_else(|| crate::store::overflow(key))?
+                    }
+                    None => e.incr.push((key.clone(), *n)),
+                }
+                if let Some(m) = &mut w.stored[hi] {
+                    // The result is only known to the store now.
+                    m.remove(key);
+                }
+            }
+            w.written.insert(key.clone());
+        }
+
+        let wrote = !d.set.is_empty() || !d.incr.is_empty();
+        if meta.is_none() {
+            if !wrote {
+                // Nothing to keep: Deletes on no session, or a bare Destroy.
+                return self.finish(cx, out, None, clear, w, batch_destroy, None, false);
+            }
+            let m = Meta {
+                id: SessionId::random(),
+                tag: super::random_tag(),
+                created: cx.now,
+                expires: cx.now.saturating_add(s.lifetime),
+                touched: cx.now,
+            };
+            meta = Some(m);
+            out.created = true;
+        }
+
+        let changed = w.dirty.iter().any(|d| *d) || w.ops.iter().any(|o| !o.is_empty());
+        if changed {
+            self.normalize(&mut w, cx);
+        }
+        self.spill(&mut w, cx)?;
+        let limits = self.check_limits(&w, cx)?;
+
+        // A channel that gains store data records it in its cookie; a cookie
+        // that did not exist yet for an existing session must not pick up
+        // stale data an earlier cookie of that channel left behind.
+        for ch in CHANNELS {
+            let i = ch.index();
+            if w.ops[i].adds() && w.flags[i] & FLAG_STORE == 0 {
+                w.flags[i] |= FLAG_STORE;
+                w.dirty[i] = true;
+                if !w.present[i] && !out.created && rename_from.is_none() {
+                    w.ops[i].clear = true;
+                }
+            }
+        }
+        let m = meta.as_mut().expect("set above");
+        let touch = !out.created
+            && s.idle_timeout.is_some()
+            && cx.now.saturating_sub(m.touched) >= s.touch_interval;
+        if touch || out.created {
+            m.touched = cx.now;
+        }
+        let meta = *m;
+        let mut outcome = self.finish(cx, out, Some(meta), clear, w, batch_destroy, rename_from, touch)?;
+        if let Some(b) = &mut outcome.batch {
+            b.limits = limits;
+        }
+        Ok(outcome)
+    }
+
+    fn validate(&self, d: &Directives, cx: &WriteContext) -> Result<(), DirectiveError> {
+        let s = cx.settings;
+        if (d.destroy || d.regenerate) && cx.write.is_none() {
+            let which = if d.destroy { "Destroy" } else { "Regenerate" };
+            return Err(err(
+                "not_allowed",
+                format!("X-Session-{which}: this route may not write the session (write: none)"),
+            ));
+        }
+        if d.regenerate && self.degraded && self.flags_any(FLAG_STORE) && !d.destroy {
+            return Err(err(
+                "store_unavailable",
+                "X-Session-Regenerate: the session store is unavailable".into(),
+            ));
+        }
+        let keys = d
+            .delete
+            .iter()
+            .map(|k| ("Delete", k))
+            .chain(d.set.iter().map(|(k, _)| ("Set", k)))
+            .chain(d.incr.iter().map(|(k, _)| ("Incr", k)));
+        for (what, k) in keys {
+            if !cx.write.contains(k) {
+                return Err(err(
+                    "not_allowed",
+                    format!("X-Session-{what}: this route may not write `{k}`"),
+                ));
+            }
+            let Some(p) = s.policies.for_write(k) else {
+                return Err(err(
+                    "undeclared",
+                    format!("X-Session-{what}: `{k}` is not declared in session.keys (undeclared_keys: reject)"),
+                ));
+            };
+            check_policy(p, k, what, cx, self.degraded)?;
+        }
+        for (k, v) in &d.set {
+            if v.len() > s.limits.value_bytes {
+                return Err(err(
+                    "value_too_large",
+                    format!(
+                        "X-Session-Set: the value of `{k}` has {} bytes, more than limits.value_bytes ({})",
+                        v.len(),
+                        s.limits.value_bytes
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn flags_any(&self, flag: u8) -> bool {
+        self.cookies.iter().flatten().any(|p| p.flags & flag != 0)
+    }
+
+    /// Move values found where their current policy does not put them.
+    fn normalize(&self, w: &mut Work, cx: &WriteContext) {
+        let s = cx.settings;
+        let store_ok = s.has_store && !self.degraded;
+        for ch in CHANNELS {
+            let i = ch.index();
+            let misplaced: Vec<(String, String)> = w.vals[i]
+                .iter()
+                .filter(|(k, _)| !w.written.contains(*k))
+                .filter(|(k, _)| {
+                    let p = s.policies.for_read(k);
+                    !(p.clientside && p.channel() == ch)
+                })
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            for (k, v) in misplaced {
+                let p = s.policies.for_read(&k);
+                let home = p.channel();
+                if home.secure() && !cx.https {
+                    continue;
+                }
+                if p.clientside {
+                    w.cookie_remove(i, &k);
+                    if !w.vals[home.index()].contains_key(&k) {
+                        w.cookie_set(home.index(), &k, v);
+                    }
+                } else if store_ok {
+                    w.cookie_remove(i, &k);
+                    w.store_set(home.index(), &k, v);
+                }
+            }
+            if !store_ok {
+                continue;
+            }
+            let Some(stored) = w.stored[i].clone() else { continue };
+            for (k, v) in stored {
+                if w.written.contains(&k) {
+                    continue;
+                }
+                let p = s.policies.for_read(&k);
+                let home = p.channel();
+                let spilled = p.clientside && home == ch && w.flags[i] & FLAG_SPILL != 0;
+                if (!p.clientside && home == ch) || spilled || (home.secure() && !cx.https) {
+                    continue;
+                }
+                w.store_delete(i, &k);
+                if p.clientside {
+                    if !w.vals[home.index()].contains_key(&k) {
+                        w.cookie_set(home.index(), &k, v);
+                    }
+                } else {
+                    w.store_set(home.index(), &k, v);
+                }
+            }
+        }
+    }
+
+    /// Keep every `Set-Cookie` line within 4096 bytes: move the largest
+    /// clientside values of an overflowing channel to the store, or fail
+    /// without one.
+    fn spill(&self, w: &mut Work, cx: &WriteContext) -> Result<(), DirectiveError> {
+        for ch in CHANNELS {
+            let i = ch.index();
+            if !w.dirty[i] {
+                continue;
+            }
+            let room = MAX_SET_COOKIE.saturating_sub(cx.spec.overhead(ch));
+            loop {
+                let probe = Payload {
+                    id: SessionId([0; 16]),
+                    tag: 0,
+                    created: 0,
+                    expires: 0,
+                    touched: 0,
+                    flags: w.flags[i] | FLAG_STORE | FLAG_SPILL,
+                    values: std::mem::take(&mut w.vals[i]),
+                };
+                let len = codec::sealed_len(&probe, cx.encrypt);
+                w.vals[i] = probe.values;
+                if len <= room {
+                    break;
+                }
+                if !cx.settings.has_store || self.degraded {
+                    return Err(err(
+                        "cookie_too_large",
+                        format!(
+                            "the clientside keys of cookie `{}` need {len} bytes, more than fits in a 4096-byte Set-Cookie, and there is no store to move them to",
+                            cx.spec.name(ch)
+                        ),
+                    ));
+                }
+                let Some((k, _)) = w.vals[i].iter().max_by_key(|(_, v)| v.len()).map(|(k, v)| (k.clone(), v.len())) else {
+                    break;
+                };
+                let v = w.vals[i].remove(&k).expect("present");
+                w.store_set(i, &k, v);
+                w.flags[i] |= FLAG_SPILL;
+            }
+        }
+        Ok(())
+    }
+
+    /// Check `limits.keys` / `limits.session_bytes` over what is known, and
+    /// hand the store a check for what only it knows.
+    fn check_limits(&self, w: &Work, cx: &WriteContext) -> Result<Option<LimitCheck>, DirectiveError> {
+        let l = cx.settings.limits;
+        let client_keys: usize = w.vals.iter().map(|m| m.len()).sum();
+        let client_bytes: usize = w
+            .vals
+            .iter()
+            .flat_map(|m| m.iter())
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        let check = LimitCheck {
+            max_keys: l.keys,
+            max_bytes: l.session_bytes,
+            client_keys,
+            client_bytes,
+        };
+        // Clientside data alone, plus whatever store data was read.
+        let mut known = crate::store::Record::default();
+        for i in 0..4 {
+            if let Some(m) = &w.stored[i] {
+                known.channels[i] = m.clone();
+            }
+        }
+        known.check(&check)?;
+        if w.ops.iter().any(|o| o.adds()) {
+            Ok(Some(check))
+        } else {
+            Ok(None)
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        cx: &WriteContext,
+        mut out: Outcome,
+        meta: Option<Meta>,
+        clear: [bool; 4],
+        mut w: Work,
+        batch_destroy: Option<StoreKey>,
+        rename_from: Option<SessionId>,
+        touch: bool,
+    ) -> Result<Outcome, DirectiveError> {
+        let s = cx.settings;
+        out.meta = meta;
+        if let Some(m) = meta {
+            let content = |w: &Work, i: usize| !w.vals[i].is_empty() || w.flags[i] & FLAG_STORE != 0;
+            for ch in CHANNELS {
+                let i = ch.index();
+                let exists = w.present[i] || content(&w, i);
+                let changed = w.dirty[i] || touch || self.reissue || out.created || out.regenerated;
+                if !exists || !(changed || !w.present[i]) {
+                    if clear[i] {
+                        out.set_cookies.push(cx.spec.clear_line(ch, cx.https));
+                    }
+                    continue;
+                }
+                let payload = Payload {
+                    id: m.id,
+                    tag: m.tag,
+                    created: m.created,
+                    expires: m.expires,
+                    touched: m.touched,
+                    flags: w.flags[i],
+                    values: std::mem::take(&mut w.vals[i]),
+                };
+                let value = cx.codec.seal(cx.spec.name(ch), &payload);
+                let expires = ch.permanent().then_some(m.expires);
+                let line = cx.spec.set_line(ch, &value, expires, cx.now, cx.https);
+                if line.len() > MAX_SET_COOKIE {
+                    return Err(err(
+                        "cookie_too_large",
+                        format!("the Set-Cookie line for `{}` would exceed 4096 bytes", cx.spec.name(ch)),
+                    ));
+                }
+                out.set_cookies.push(line);
+            }
+        } else {
+            for ch in CHANNELS {
+                if clear[ch.index()] {
+                    out.set_cookies.push(cx.spec.clear_line(ch, cx.https));
+                }
+            }
+        }
+
+        let store_touch = touch && w.flags.iter().any(|f| f & FLAG_STORE != 0);
+        let has_ops = w.ops.iter().any(|o| !o.is_empty());
+        if let Some(m) = meta.filter(|_| has_ops || rename_from.is_some() || batch_destroy.is_some() || store_touch) {
+            let expire_at = match s.idle_timeout {
+                Some(idle) => m.expires.min(m.touched.saturating_add(idle)),
+                None => m.expires,
+            };
+            let mut b = WriteBatch::new(StoreKey { id: m.id, tag: m.tag }, expire_at);
+            b.destroy = batch_destroy;
+            b.rename_from = rename_from;
+            b.channels = w.ops;
+            out.batch = Some(b);
+        } else if let Some(old) = batch_destroy {
+            let mut b = WriteBatch::new(old, 0);
+            b.destroy = Some(old);
+            out.batch = Some(b);
+        }
+        Ok(out)
+    }
+}
+
+fn add(current: Option<String>, key: &str, n: i64) -> Result<i64, DirectiveError> {
+    let cur = match current {
+        None => 0,
+        Some(v) => crate::directives::parse_i64(&v).ok_or_else(|| crate::store::not_integer(key))?,
+    };
+    cur.checked_add(n).ok_or_else(|| crate::store::overflow(key))
+}
+
+fn check_policy(
+    p: Policy,
+    k: &str,
+    what: &str,
+    cx: &WriteContext,
+    degraded: bool,
+) -> Result<(), DirectiveError> {
+    if p.secure && !cx.https {
+        return Err(err(
+            "secure_over_http",
+            format!("X-Session-{what}: `{k}` is a secure key and this request is plain HTTP"),
+        ));
+    }
+    if !p.clientside && !cx.settings.has_store {
+        return Err(err(
+            "no_store",
+            format!("X-Session-{what}: `{k}` is a server-side key and store.kind is none"),
+        ));
+    }
+    if !p.clientside && degraded {
+        return Err(err(
+            "store_unavailable",
+            format!("X-Session-{what}: `{k}` is a server-side key and the session store is unavailable"),
+        ));
+    }
+    Ok(())
+}

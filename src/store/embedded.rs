@@ -1,0 +1,343 @@
+//! `store.kind: embedded` (the default): a redb file on local disk that
+//! survives restarts. One node.
+//!
+//! Layout (three tables):
+//! - `data`:    id(16) | channel(1) | key  ->  value
+//! - `session`: id(16)                     ->  expire_at (ms, u64)
+//! - `expiry`:  expire_at(8, BE) | id(16)  ->  ()       (sweep index)
+//!
+//! redb calls block, so they never run on the proxy's runtime: reads go to
+//! the blocking pool, and every write goes to one writer thread that commits
+//! whatever batches are waiting in a single transaction (group commit: one
+//! fsync for many requests). The writer is also what makes per-key writes and
+//! Incr atomic: batches apply one after another against the current data.
+
+use super::{Loaded, Record, SessionStore, StoreError, StoreKey, WriteBatch};
+use crate::session::{SessionId, CHANNELS};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+const DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data");
+const SESSION: TableDefinition<&[u8], u64> = TableDefinition::new("session");
+const EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("expiry");
+
+/// Batches committed in one transaction at most.
+const GROUP: usize = 256;
+/// How often expired sessions are deleted.
+const SWEEP_EVERY: Duration = Duration::from_secs(30);
+
+type Reply = oneshot::Sender<Result<(), StoreError>>;
+
+enum Msg {
+    Write(Box<WriteBatch>, Reply),
+    Sweep(oneshot::Sender<Result<usize, StoreError>>),
+}
+
+pub struct EmbeddedStore {
+    db: Arc<Database>,
+    tx: mpsc::Sender<Msg>,
+    path: PathBuf,
+}
+
+impl EmbeddedStore {
+    /// Open (or create) the file and start the writer thread.
+    pub fn open(path: &Path) -> Result<EmbeddedStore, String> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create directory {}: {e}", dir.display()))?;
+        }
+        let db = Database::create(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        // Create the tables up front so readers never see them missing.
+        let init = || -> Result<(), redb::Error> {
+            let txn = db.begin_write()?;
+            txn.open_table(DATA)?;
+            txn.open_table(SESSION)?;
+            txn.open_table(EXPIRY)?;
+            txn.commit()?;
+            Ok(())
+        };
+        init().map_err(|e| format!("cannot initialise {}: {e}", path.display()))?;
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel();
+        let wdb = db.clone();
+        std::thread::Builder::new()
+            .name("gimlet-store-writer".into())
+            .spawn(move || writer(wdb, rx))
+            .map_err(|e| format!("cannot start the store writer: {e}"))?;
+        Ok(EmbeddedStore {
+            db,
+            tx,
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Delete expired sessions now (the writer also does it periodically).
+    pub async fn sweep(&self) -> Result<usize, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Sweep(tx))
+            .map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?
+    }
+
+    /// Number of live sessions (tests and `gimlet check`).
+    pub fn session_count(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read().map_err(unavailable)?;
+        let t = txn.open_table(SESSION).map_err(unavailable)?;
+        t.len().map_err(unavailable)
+    }
+}
+
+fn unavailable(e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Unavailable(format!("embedded store: {}", e.into()))
+}
+
+fn prefix(id: &SessionId, ch: u8) -> [u8; 17] {
+    let mut p = [0u8; 17];
+    p[..16].copy_from_slice(&id.0);
+    p[16] = ch;
+    p
+}
+
+fn expiry_key(at: u64, id: &SessionId) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..8].copy_from_slice(&at.to_be_bytes());
+    k[8..].copy_from_slice(&id.0);
+    k
+}
+
+/// Read a session's channels in `mask` (all when reading for a write).
+fn read_record(
+    data: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    session: &impl ReadableTable<&'static [u8], u64>,
+    id: &SessionId,
+    mask: u8,
+    now: u64,
+) -> Result<Record, redb::Error> {
+    let mut rec = Record::default();
+    let live = session.get(&id.0[..])?.is_some_and(|e| e.value() > now);
+    if !live {
+        return Ok(rec);
+    }
+    for ch in CHANNELS {
+        if mask & ch.bit() == 0 {
+            continue;
+        }
+        let lo = prefix(id, ch as u8);
+        let hi = prefix(id, ch as u8 + 1);
+        for item in data.range::<&[u8]>(&lo[..]..&hi[..])? {
+            let (k, v) = item?;
+            let key = String::from_utf8_lossy(&k.value()[17..]).into_owned();
+            let val = String::from_utf8_lossy(v.value()).into_owned();
+            rec.channels[ch.index()].insert(key, val);
+        }
+    }
+    Ok(rec)
+}
+
+fn delete_session(
+    data: &mut redb::Table<&'static [u8], &'static [u8]>,
+    session: &mut redb::Table<&'static [u8], u64>,
+    expiry: &mut redb::Table<&'static [u8], ()>,
+    id: &SessionId,
+) -> Result<(), redb::Error> {
+    let lo = prefix(id, 0);
+    let hi = prefix(id, 4);
+    data.retain_in::<&[u8], _>(&lo[..]..&hi[..], |_, _| false)?;
+    if let Some(old) = session.remove(&id.0[..])?.map(|g| g.value()) {
+        expiry.remove(&expiry_key(old, id)[..])?;
+    }
+    Ok(())
+}
+
+/// Apply one batch inside the writer's transaction. The outer `Result` is a
+/// storage failure (aborts the group); the inner one a rejection of this
+/// batch alone (nothing of it was written).
+fn apply(txn: &redb::WriteTransaction, b: &WriteBatch, now: u64) -> Result<Result<(), StoreError>, redb::Error> {
+    let mut data = txn.open_table(DATA)?;
+    let mut session = txn.open_table(SESSION)?;
+    let mut expiry = txn.open_table(EXPIRY)?;
+
+    let src = b.rename_from.unwrap_or(b.key.id);
+    let before = if b.destroy.is_some_and(|d| d.id == src) {
+        Record::default()
+    } else {
+        read_record(&data, &session, &src, 0b1111, now)?
+    };
+    let mut after = before.clone();
+    if !b.destroy_only() {
+        if let Err(e) = after.apply_batch(b) {
+            return Ok(Err(StoreError::Rejected(e)));
+        }
+    }
+    if let Some(d) = b.destroy {
+        delete_session(&mut data, &mut session, &mut expiry, &d.id)?;
+    }
+    if b.destroy_only() {
+        return Ok(Ok(()));
+    }
+    // Write only what changed (a Regenerate rewrites under the new id).
+    let base = if b.rename_from.is_some() {
+        delete_session(&mut data, &mut session, &mut expiry, &src)?;
+        Record::default()
+    } else {
+        before
+    };
+    let id = &b.key.id;
+    for ch in CHANNELS {
+        let i = ch.index();
+        for k in base.channels[i].keys() {
+            if !after.channels[i].contains_key(k) {
+                let mut key = prefix(id, ch as u8).to_vec();
+                key.extend_from_slice(k.as_bytes());
+                data.remove(&key[..])?;
+            }
+        }
+        for (k, v) in &after.channels[i] {
+            if base.channels[i].get(k) != Some(v) {
+                let mut key = prefix(id, ch as u8).to_vec();
+                key.extend_from_slice(k.as_bytes());
+                data.insert(&key[..], v.as_bytes())?;
+            }
+        }
+    }
+    if let Some(old) = session.remove(&id.0[..])?.map(|g| g.value()) {
+        expiry.remove(&expiry_key(old, id)[..])?;
+    }
+    if !after.is_empty() {
+        session.insert(&id.0[..], b.expire_at)?;
+        expiry.insert(&expiry_key(b.expire_at, id)[..], ())?;
+    }
+    Ok(Ok(()))
+}
+
+fn sweep(txn: &redb::WriteTransaction, now: u64) -> Result<usize, redb::Error> {
+    let mut data = txn.open_table(DATA)?;
+    let mut session = txn.open_table(SESSION)?;
+    let mut expiry = txn.open_table(EXPIRY)?;
+    let hi = expiry_key(now, &SessionId([0xff; 16]));
+    let mut ids = Vec::new();
+    for item in expiry.range::<&[u8]>(..&hi[..])? {
+        let (k, _) = item?;
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&k.value()[8..]);
+        ids.push(SessionId(id));
+        if ids.len() >= 10_000 {
+            break;
+        }
+    }
+    for id in &ids {
+        delete_session(&mut data, &mut session, &mut expiry, id)?;
+    }
+    Ok(ids.len())
+}
+
+fn writer(db: Arc<Database>, rx: mpsc::Receiver<Msg>) {
+    let mut last_sweep = std::time::Instant::now();
+    loop {
+        let first = match rx.recv_timeout(SWEEP_EVERY) {
+            Ok(m) => Some(m),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let mut msgs: Vec<Msg> = first.into_iter().collect();
+        while msgs.len() < GROUP {
+            match rx.try_recv() {
+                Ok(m) => msgs.push(m),
+                Err(_) => break,
+            }
+        }
+        let due = last_sweep.elapsed() >= SWEEP_EVERY;
+        if msgs.is_empty() && !due {
+            continue;
+        }
+        let now = crate::now_ms();
+        let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(msgs.len());
+        let mut swept = 0;
+        let mut run = || -> Result<(), redb::Error> {
+            let txn = db.begin_write()?;
+            for m in &msgs {
+                match m {
+                    Msg::Write(b, _) => results.push(apply(&txn, b, now)?),
+                    Msg::Sweep(_) => {
+                        swept += sweep(&txn, now)?;
+                        results.push(Ok(()));
+                    }
+                }
+            }
+            if due {
+                swept += sweep(&txn, now)?;
+            }
+            txn.commit()?;
+            Ok(())
+        };
+        let outcome = run();
+        if due {
+            last_sweep = std::time::Instant::now();
+            if swept > 0 {
+                tracing::debug!(swept, "embedded store: expired sessions deleted");
+            }
+        }
+        for (i, m) in msgs.into_iter().enumerate() {
+            let r = match &outcome {
+                Ok(()) => results.get(i).cloned().unwrap_or(Ok(())),
+                Err(e) => Err(StoreError::Unavailable(format!("embedded store: {e}"))),
+            };
+            match m {
+                Msg::Write(_, reply) => {
+                    let _ = reply.send(r);
+                }
+                Msg::Sweep(reply) => {
+                    let _ = reply.send(r.map(|_| swept));
+                }
+            }
+        }
+    }
+}
+
+impl SessionStore for EmbeddedStore {
+    async fn load(&self, key: &StoreKey, mask: u8) -> Result<Loaded, StoreError> {
+        let db = self.db.clone();
+        let id = key.id;
+        let rec = tokio::task::spawn_blocking(move || -> Result<Record, redb::Error> {
+            let txn = db.begin_read()?;
+            let data = txn.open_table(DATA)?;
+            let session = txn.open_table(SESSION)?;
+            read_record(&data, &session, &id, mask, crate::now_ms())
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("embedded store: {e}")))?
+        .map_err(unavailable)?;
+        Ok(rec.loaded(mask))
+    }
+
+    async fn write(&self, batch: &WriteBatch) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Write(Box::new(batch.clone()), tx))
+            .map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {
+            let txn = db.begin_read()?;
+            txn.open_table(SESSION)?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("embedded store: {e}")))?
+        .map_err(unavailable)
+    }
+}

@@ -1,0 +1,315 @@
+//! Session stores: the trait every backend implements, and the write batch
+//! the session core hands them.
+//!
+//! The contract (SPEC section 6):
+//! - a read is one round trip for every channel the request needs;
+//! - a write is one atomic round trip carrying only the touched fields:
+//!   sets, deletes and increments per channel, plus a Destroy of the old
+//!   session or a Regenerate move, plus the TTL;
+//! - a write is all or nothing: an Incr on a non-integer, or a write past the
+//!   session limits, rejects the whole batch ([`StoreError::Rejected`]).
+
+pub mod embedded;
+pub mod memory;
+pub mod redis;
+
+use crate::directives::DirectiveError;
+use crate::session::{SessionId, CHANNELS};
+use std::collections::BTreeMap;
+use std::future::Future;
+
+/// Identifies a session's data: the id, and the hash tag that keeps every key
+/// of the session (across Regenerate) in one Redis Cluster slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreKey {
+    pub id: SessionId,
+    pub tag: u32,
+}
+
+/// Server-side values per channel; `None` for channels not read.
+pub type Loaded = [Option<BTreeMap<String, String>>; 4];
+
+/// Field operations on one channel's data, applied in this order: clear,
+/// delete, set, incr.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChannelWrite {
+    /// Drop whatever the channel held before (a new channel cookie for an
+    /// existing session must not resurrect stale transient data).
+    pub clear: bool,
+    pub delete: Vec<String>,
+    pub set: Vec<(String, String)>,
+    pub incr: Vec<(String, i64)>,
+}
+
+impl ChannelWrite {
+    pub fn is_empty(&self) -> bool {
+        !self.clear && self.delete.is_empty() && self.set.is_empty() && self.incr.is_empty()
+    }
+
+    /// Does this write add data (and so need the session limits checked)?
+    pub fn adds(&self) -> bool {
+        !self.set.is_empty() || !self.incr.is_empty()
+    }
+}
+
+/// Session limits the store checks atomically against its own data plus the
+/// clientside data the gateway reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LimitCheck {
+    pub max_keys: usize,
+    pub max_bytes: usize,
+    pub client_keys: usize,
+    pub client_bytes: usize,
+}
+
+/// One response's store write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteBatch {
+    /// The session written (after Regenerate: the new id).
+    pub key: StoreKey,
+    /// Delete every channel of this session first (Destroy).
+    pub destroy: Option<StoreKey>,
+    /// Move every channel from this id (same tag) to `key.id` (Regenerate).
+    pub rename_from: Option<SessionId>,
+    pub channels: [ChannelWrite; 4],
+    /// When the session's data must expire (ms since the epoch): applied to
+    /// every channel of `key` that holds data. Never past the lifetime.
+    pub expire_at: u64,
+    /// Check the session limits after applying.
+    pub limits: Option<LimitCheck>,
+}
+
+impl WriteBatch {
+    pub fn new(key: StoreKey, expire_at: u64) -> WriteBatch {
+        WriteBatch {
+            key,
+            destroy: None,
+            rename_from: None,
+            channels: Default::default(),
+            expire_at,
+            limits: None,
+        }
+    }
+
+    /// Does the batch only destroy (nothing written under `key`)?
+    pub fn destroy_only(&self) -> bool {
+        self.destroy == Some(self.key) && self.channels.iter().all(|c| c.is_empty())
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The batch was refused as a whole (Incr on a non-integer, limits).
+    #[error("{0}")]
+    Rejected(DirectiveError),
+    /// The store did not answer in time.
+    #[error("store timed out")]
+    Timeout,
+    /// The store failed (connection refused, I/O error ...).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl StoreError {
+    /// Metric label for `gimlet_store_operations_total{result}`.
+    pub fn result_label(&self) -> &'static str {
+        match self {
+            StoreError::Timeout => "timeout",
+            _ => "error",
+        }
+    }
+}
+
+/// What every backend implements. Methods are `async` (via `impl Future`) so
+/// the proxy awaits them without boxing.
+pub trait SessionStore: Send + Sync {
+    /// Read the channels in `mask` ([`crate::session::Channel::bit`]) in one
+    /// round trip.
+    fn load(&self, key: &StoreKey, mask: u8) -> impl Future<Output = Result<Loaded, StoreError>> + Send;
+    /// Apply a batch atomically in one round trip.
+    fn write(&self, batch: &WriteBatch) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Is the store reachable? (`/readyz`, `gimlet check --connect`)
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The configured store.
+pub enum Store {
+    Memory(memory::MemoryStore),
+    Embedded(embedded::EmbeddedStore),
+    Redis(redis::RedisStore),
+}
+
+impl Store {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Store::Memory(_) => "memory",
+            Store::Embedded(_) => "embedded",
+            Store::Redis(_) => "redis",
+        }
+    }
+
+    pub async fn load(&self, key: &StoreKey, mask: u8) -> Result<Loaded, StoreError> {
+        match self {
+            Store::Memory(s) => s.load(key, mask).await,
+            Store::Embedded(s) => s.load(key, mask).await,
+            Store::Redis(s) => s.load(key, mask).await,
+        }
+    }
+
+    pub async fn write(&self, batch: &WriteBatch) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(s) => s.write(batch).await,
+            Store::Embedded(s) => s.write(batch).await,
+            Store::Redis(s) => s.write(batch).await,
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(s) => s.ping().await,
+            Store::Embedded(s) => s.ping().await,
+            Store::Redis(s) => s.ping().await,
+        }
+    }
+}
+
+/// A session's data in a backend that keeps whole records in process (memory,
+/// embedded): the reference semantics of a [`WriteBatch`], shared so both
+/// backends agree exactly.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Record {
+    pub channels: [BTreeMap<String, String>; 4],
+}
+
+impl Record {
+    pub fn is_empty(&self) -> bool {
+        self.channels.iter().all(|c| c.is_empty())
+    }
+
+    /// Apply one channel's writes; errors leave `self` partly changed, so
+    /// callers apply to a copy and keep it only on success.
+    pub fn apply(&mut self, ch: usize, w: &ChannelWrite) -> Result<(), DirectiveError> {
+        let map = &mut self.channels[ch];
+        if w.clear {
+            map.clear();
+        }
+        for k in &w.delete {
+            map.remove(k);
+        }
+        for (k, v) in &w.set {
+            map.insert(k.clone(), v.clone());
+        }
+        for (k, n) in &w.incr {
+            let cur = match map.get(k) {
+                None => 0,
+                Some(v) => crate::directives::parse_i64(v).ok_or_else(|| not_integer(k))?,
+            };
+            let next = cur.checked_add(*n).ok_or_else(|| overflow(k))?;
+            map.insert(k.clone(), next.to_string());
+        }
+        Ok(())
+    }
+
+    /// Check the limits over this record plus the clientside data.
+    pub fn check(&self, l: &LimitCheck) -> Result<(), DirectiveError> {
+        let keys: usize = self.channels.iter().map(|c| c.len()).sum::<usize>() + l.client_keys;
+        let bytes: usize = self
+            .channels
+            .iter()
+            .flat_map(|c| c.iter())
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+            + l.client_bytes;
+        if keys > l.max_keys {
+            return Err(DirectiveError::new(
+                "too_many_keys",
+                format!("the session would hold {keys} keys, more than limits.keys ({})", l.max_keys),
+            ));
+        }
+        if bytes > l.max_bytes {
+            return Err(DirectiveError::new(
+                "session_too_large",
+                format!(
+                    "the session would hold {bytes} bytes, more than limits.session_bytes ({})",
+                    l.max_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Apply a whole batch to `self` (the record of `batch.key`, after any
+    /// rename/destroy has been resolved by the caller).
+    pub fn apply_batch(&mut self, batch: &WriteBatch) -> Result<(), DirectiveError> {
+        for ch in CHANNELS {
+            self.apply(ch.index(), &batch.channels[ch.index()])?;
+        }
+        if let Some(l) = &batch.limits {
+            self.check(l)?;
+        }
+        Ok(())
+    }
+
+    /// The channels in `mask`, as loaded data.
+    pub fn loaded(&self, mask: u8) -> Loaded {
+        let mut out: Loaded = Default::default();
+        for ch in CHANNELS {
+            if mask & ch.bit() != 0 {
+                out[ch.index()] = Some(self.channels[ch.index()].clone());
+            }
+        }
+        out
+    }
+}
+
+pub fn not_integer(k: &str) -> DirectiveError {
+    DirectiveError::new(
+        "not_integer",
+        format!("X-Session-Incr: the stored value of `{k}` is not an integer"),
+    )
+}
+
+pub fn overflow(k: &str) -> DirectiveError {
+    DirectiveError::new(
+        "overflow",
+        format!("X-Session-Incr: `{k}` would pass the 64-bit range"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_apply_order_and_errors() {
+        let mut r = Record::default();
+        let w = ChannelWrite {
+            clear: false,
+            delete: vec!["x".into()],
+            set: vec![("a".into(), "5".into()), ("s".into(), "text".into())],
+            incr: vec![("a".into(), 2), ("n".into(), -3)],
+        };
+        r.channels[0].insert("x".into(), "gone".into());
+        r.apply(0, &w).unwrap();
+        assert_eq!(r.channels[0].get("a").unwrap(), "7");
+        assert_eq!(r.channels[0].get("n").unwrap(), "-3");
+        assert!(!r.channels[0].contains_key("x"));
+        let bad = ChannelWrite {
+            incr: vec![("s".into(), 1)],
+            ..Default::default()
+        };
+        assert_eq!(r.clone().apply(0, &bad).unwrap_err().reason, "not_integer");
+        let big = ChannelWrite {
+            incr: vec![("a".into(), i64::MAX)],
+            ..Default::default()
+        };
+        assert_eq!(r.clone().apply(0, &big).unwrap_err().reason, "overflow");
+        let l = LimitCheck {
+            max_keys: 3,
+            max_bytes: 1000,
+            client_keys: 1,
+            client_bytes: 0,
+        };
+        assert_eq!(r.check(&l).unwrap_err().reason, "too_many_keys");
+    }
+}
