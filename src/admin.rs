@@ -38,14 +38,31 @@ impl ServeHttp for AdminApp {
                 let Some(store) = &self.shared.store else {
                     return reply(200, "text/plain", b"ready (no store)\n".to_vec());
                 };
-                let timeout = self.shared.state.load().config.store.timeout.max(Duration::from_millis(100));
+                let timeout = self
+                    .shared
+                    .state
+                    .load()
+                    .config
+                    .store
+                    .timeout
+                    .max(Duration::from_millis(100));
                 match tokio::time::timeout(timeout, store.ping()).await {
-                    Ok(Ok(())) => reply(200, "text/plain", format!("ready ({} store)\n", store.kind()).into_bytes()),
-                    Ok(Err(e)) => reply(503, "text/plain", format!("not ready: {e}\n").into_bytes()),
+                    Ok(Ok(())) => reply(
+                        200,
+                        "text/plain",
+                        format!("ready ({} store)\n", store.kind()).into_bytes(),
+                    ),
+                    Ok(Err(e)) => {
+                        reply(503, "text/plain", format!("not ready: {e}\n").into_bytes())
+                    }
                     Err(_) => reply(503, "text/plain", b"not ready: store timed out\n".to_vec()),
                 }
             }
-            _ => reply(404, "text/plain", b"not found (try /metrics, /healthz, /readyz)\n".to_vec()),
+            _ => reply(
+                404,
+                "text/plain",
+                b"not found (try /metrics, /healthz, /readyz)\n".to_vec(),
+            ),
         }
     }
 }

@@ -97,7 +97,10 @@ fn check(file: &std::path::Path, connect: bool) -> i32 {
         }
     };
     if connect {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
             Ok(rt) => rt,
             Err(e) => {
                 eprintln!("cannot start a runtime: {e}");
@@ -107,11 +110,14 @@ fn check(file: &std::path::Path, connect: bool) -> i32 {
         let result = rt.block_on(async {
             match crate::server::open_store(&c)? {
                 None => Ok("no store (kind: none)".to_string()),
-                Some(store) => tokio::time::timeout(c.store.timeout.max(std::time::Duration::from_secs(1)), store.ping())
-                    .await
-                    .map_err(|_| "the store did not answer in time".to_string())?
-                    .map(|_| format!("{} store reachable", store.kind()))
-                    .map_err(|e| e.to_string()),
+                Some(store) => tokio::time::timeout(
+                    c.store.timeout.max(std::time::Duration::from_secs(1)),
+                    store.ping(),
+                )
+                .await
+                .map_err(|_| "the store did not answer in time".to_string())?
+                .map(|_| format!("{} store reachable", store.kind()))
+                .map_err(|e| e.to_string()),
             }
         });
         match result {

@@ -55,9 +55,12 @@ impl Key {
         let mut enc = [0u8; 32];
         let mut mac = [0u8; 32];
         let mut id = [0u8; KID_LEN];
-        hk.expand(b"aes-256-gcm key", &mut enc).expect("32 bytes is a valid HKDF length");
-        hk.expand(b"hmac-sha256 key", &mut mac).expect("32 bytes is a valid HKDF length");
-        hk.expand(b"key id", &mut id).expect("4 bytes is a valid HKDF length");
+        hk.expand(b"aes-256-gcm key", &mut enc)
+            .expect("32 bytes is a valid HKDF length");
+        hk.expand(b"hmac-sha256 key", &mut mac)
+            .expect("32 bytes is a valid HKDF length");
+        hk.expand(b"key id", &mut id)
+            .expect("4 bytes is a valid HKDF length");
         Key {
             id,
             aead: Aes256Gcm::new_from_slice(&enc).expect("32-byte AES key"),
@@ -399,7 +402,10 @@ mod tests {
         }
         assert_eq!(c.open("gimlet", "").unwrap_err(), Rejection::Malformed);
         assert_eq!(c.open("gimlet", "!!!").unwrap_err(), Rejection::Malformed);
-        assert_eq!(c.open("gimlet", &"A".repeat(9000)).unwrap_err(), Rejection::Malformed);
+        assert_eq!(
+            c.open("gimlet", &"A".repeat(9000)).unwrap_err(),
+            Rejection::Malformed
+        );
         // A value moved to another cookie name fails authentication.
         assert_eq!(c.open("gimlet-t", &v).unwrap_err(), Rejection::BadMac);
         let m = Codec::new(&[S2], false);

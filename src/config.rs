@@ -7,7 +7,7 @@
 //! line it was written on.
 
 use crate::cookie::{CookieSpec, SameSite, SecureMode};
-use crate::session::{valid_key, KeySet, KeyPolicies, Limits, Policy, Settings};
+use crate::session::{valid_key, KeyPolicies, KeySet, Limits, Policy, Settings};
 use ipnet::IpNet;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
@@ -514,7 +514,9 @@ impl yaml_rust2::parser::MarkedEventReceiver for IndexBuilder {
                 }
             }
             Event::SequenceStart(..) => {
-                let p = self.node_path(line, false, "").unwrap_or_else(|| "?".into());
+                let p = self
+                    .node_path(line, false, "")
+                    .unwrap_or_else(|| "?".into());
                 self.stack.push(Frame::Seq { path: p, index: 0 });
             }
             Event::MappingEnd | Event::SequenceEnd => {
@@ -634,7 +636,11 @@ fn serde_error(e: &serde_yaml::Error, index: &LineIndex) -> ConfigError {
         Some(p) if p.len() > path.len() => p.to_string(),
         _ => path,
     };
-    ConfigError { path, line, message }
+    ConfigError {
+        path,
+        line,
+        message,
+    }
 }
 
 fn resolve(base: &Path, p: &str) -> PathBuf {
@@ -670,7 +676,9 @@ impl Errors<'_> {
             Err(err) => {
                 self.add(
                     path,
-                    format!("invalid duration `{s}`: {err} (write e.g. 250ms, 90s, 2h, 7d, 1h 30m)"),
+                    format!(
+                        "invalid duration `{s}`: {err} (write e.g. 250ms, 90s, 2h, 7d, 1h 30m)"
+                    ),
                 );
                 default
             }
@@ -684,7 +692,9 @@ impl Errors<'_> {
             Err(_) => {
                 self.add(
                     path,
-                    format!("invalid address `{s}` (write ip:port, e.g. 0.0.0.0:8080 or [::1]:8080)"),
+                    format!(
+                        "invalid address `{s}` (write ip:port, e.g. 0.0.0.0:8080 or [::1]:8080)"
+                    ),
                 );
                 None
             }
@@ -698,7 +708,10 @@ impl Errors<'_> {
                 "all" => KeySet::All,
                 "none" => KeySet::None,
                 other => {
-                    self.add(path, format!("expected `all`, `none`, or a list of keys, found `{other}`"));
+                    self.add(
+                        path,
+                        format!("expected `all`, `none`, or a list of keys, found `{other}`"),
+                    );
                     KeySet::All
                 }
             },
@@ -714,7 +727,10 @@ impl Errors<'_> {
     fn key(&mut self, path: &str, raw: &str) -> String {
         let k = self.text(path, raw);
         if !valid_key(&k) {
-            self.add(path, format!("invalid key `{k}` (keys match [A-Za-z0-9_.-]{{1,64}})"));
+            self.add(
+                path,
+                format!("invalid key `{k}` (keys match [A-Za-z0-9_.-]{{1,64}})"),
+            );
         }
         k
     }
@@ -726,7 +742,10 @@ impl Errors<'_> {
         match choices.iter().find(|c| c.eq_ignore_ascii_case(v.trim())) {
             Some(c) => c,
             None => {
-                self.add(path, format!("expected one of {}, found `{v}`", choices.join(", ")));
+                self.add(
+                    path,
+                    format!("expected one of {}, found `{v}`", choices.join(", ")),
+                );
                 choices[0]
             }
         }
@@ -753,7 +772,10 @@ fn build(raw: RawConfig, file: &Path, base: &Path, e: &mut Errors) -> Config {
                     };
                     for (field, p) in [("cert", &files.cert), ("key", &files.key)] {
                         if !p.is_file() {
-                            e.add(format!("listen[{i}].tls.{field}"), format!("file not found: {}", p.display()));
+                            e.add(
+                                format!("listen[{i}].tls.{field}"),
+                                format!("file not found: {}", p.display()),
+                            );
                         }
                     }
                     files
@@ -766,11 +788,20 @@ fn build(raw: RawConfig, file: &Path, base: &Path, e: &mut Errors) -> Config {
         e.add("listen", "at least one listener is needed");
     }
     for (i, l) in listen.iter().enumerate() {
-        if listen[..i].iter().any(|o| o.addr == l.addr && l.addr.port() != 0) {
-            e.add(format!("listen[{i}].addr"), format!("{} is listed twice", l.addr));
+        if listen[..i]
+            .iter()
+            .any(|o| o.addr == l.addr && l.addr.port() != 0)
+        {
+            e.add(
+                format!("listen[{i}].addr"),
+                format!("{} is listed twice", l.addr),
+            );
         }
     }
-    let admin = raw.admin.as_ref().and_then(|a| e.addr("admin.addr", &a.addr));
+    let admin = raw
+        .admin
+        .as_ref()
+        .and_then(|a| e.addr("admin.addr", &a.addr));
 
     let trusted_proxies = raw
         .trusted_proxies
@@ -786,7 +817,10 @@ fn build(raw: RawConfig, file: &Path, base: &Path, e: &mut Errors) -> Config {
             match parsed {
                 Ok(n) => Some(n),
                 Err(_) => {
-                    e.add(path, format!("invalid CIDR `{s}` (write e.g. 10.0.0.0/8 or 127.0.0.1)"));
+                    e.add(
+                        path,
+                        format!("invalid CIDR `{s}` (write e.g. 10.0.0.0/8 or 127.0.0.1)"),
+                    );
                     None
                 }
             }
@@ -799,7 +833,11 @@ fn build(raw: RawConfig, file: &Path, base: &Path, e: &mut Errors) -> Config {
             _ => LogFormat::Text,
         },
         level: e
-            .choice("log.level", &raw.log.level, &["info", "error", "warn", "debug", "trace"])
+            .choice(
+                "log.level",
+                &raw.log.level,
+                &["info", "error", "warn", "debug", "trace"],
+            )
             .to_string(),
     };
 
@@ -815,7 +853,11 @@ fn build(raw: RawConfig, file: &Path, base: &Path, e: &mut Errors) -> Config {
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(2, |n| n.get()),
         },
-        grace_period: e.duration("server.grace_period", &raw.server.grace_period, Duration::from_secs(5)),
+        grace_period: e.duration(
+            "server.grace_period",
+            &raw.server.grace_period,
+            Duration::from_secs(5),
+        ),
     };
 
     let routes = build_routes(&raw.routes, e);
@@ -834,10 +876,17 @@ fn build(raw: RawConfig, file: &Path, base: &Path, e: &mut Errors) -> Config {
 }
 
 fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreConfig {
-    let kind_name = e.choice("store.kind", &raw.kind, &["embedded", "memory", "redis", "none"]);
+    let kind_name = e.choice(
+        "store.kind",
+        &raw.kind,
+        &["embedded", "memory", "redis", "none"],
+    );
     let only = |e: &mut Errors, field: &str, set: bool, kinds: &str| {
         if set {
-            e.add(format!("store.{field}"), format!("only used with kind: {kinds}"));
+            e.add(
+                format!("store.{field}"),
+                format!("only used with kind: {kinds}"),
+            );
         }
     };
     if kind_name != "embedded" {
@@ -867,14 +916,24 @@ fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreConfig {
                 .map(|(i, u)| e.text(&format!("store.cluster[{i}]"), u))
                 .collect();
             match (&url, cluster.is_empty()) {
-                (None, true) => e.add("store", "kind: redis needs `url` (standalone) or `cluster` (node URLs)"),
-                (Some(_), false) => e.add("store.cluster", "give either `url` or `cluster`, not both"),
+                (None, true) => e.add(
+                    "store",
+                    "kind: redis needs `url` (standalone) or `cluster` (node URLs)",
+                ),
+                (Some(_), false) => {
+                    e.add("store.cluster", "give either `url` or `cluster`, not both")
+                }
                 _ => {}
             }
             let all: Vec<(String, String)> = url
                 .iter()
                 .map(|u| ("store.url".to_string(), u.clone()))
-                .chain(cluster.iter().enumerate().map(|(i, u)| (format!("store.cluster[{i}]"), u.clone())))
+                .chain(
+                    cluster
+                        .iter()
+                        .enumerate()
+                        .map(|(i, u)| (format!("store.cluster[{i}]"), u.clone())),
+                )
                 .collect();
             for (field, u) in all {
                 if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
@@ -883,11 +942,20 @@ fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreConfig {
                     e.add(field, "invalid Redis URL");
                 }
             }
-            let prefix = e.opt_text("store.prefix", &raw.prefix).unwrap_or_else(|| "gimlet:".into());
+            let prefix = e
+                .opt_text("store.prefix", &raw.prefix)
+                .unwrap_or_else(|| "gimlet:".into());
             if prefix.contains(['{', '}']) {
-                e.add("store.prefix", "must not contain `{` or `}` (the gateway adds its own hash tags)");
+                e.add(
+                    "store.prefix",
+                    "must not contain `{` or `}` (the gateway adds its own hash tags)",
+                );
             }
-            StoreKind::Redis(RedisConfig { url, cluster, prefix })
+            StoreKind::Redis(RedisConfig {
+                url,
+                cluster,
+                prefix,
+            })
         }
     };
     let timeout = e.duration("store.timeout", &raw.timeout, Duration::from_millis(250));
@@ -908,7 +976,10 @@ fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreConfig {
 fn build_session(raw: &RawSession, store: &StoreConfig, e: &mut Errors) -> SessionConfig {
     let mut secrets = Vec::new();
     if raw.secrets.is_empty() {
-        e.add("session.secrets", "at least one secret is needed (generate one with `gimlet keygen`)");
+        e.add(
+            "session.secrets",
+            "at least one secret is needed (generate one with `gimlet keygen`)",
+        );
     }
     for (i, s) in raw.secrets.iter().enumerate() {
         let field = format!("session.secrets[{i}]");
@@ -920,7 +991,10 @@ fn build_session(raw: &RawSession, store: &StoreConfig, e: &mut Errors) -> Sessi
                     v.strip_suffix('\r').unwrap_or(v).to_string()
                 }
                 Err(err) => {
-                    e.add(field, format!("cannot read secret file {}: {err}", path.trim()));
+                    e.add(
+                        field,
+                        format!("cannot read secret file {}: {err}", path.trim()),
+                    );
                     continue;
                 }
             },
@@ -939,9 +1013,13 @@ fn build_session(raw: &RawSession, store: &StoreConfig, e: &mut Errors) -> Sessi
     }
 
     let c = &raw.cookie;
-    let name = e.opt_text("session.cookie.name", &c.name).unwrap_or_else(|| "gimlet".into());
+    let name = e
+        .opt_text("session.cookie.name", &c.name)
+        .unwrap_or_else(|| "gimlet".into());
     if name.is_empty()
-        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         || name.starts_with("__")
     {
         e.add(
@@ -949,22 +1027,45 @@ fn build_session(raw: &RawSession, store: &StoreConfig, e: &mut Errors) -> Sessi
             format!("`{name}` is not a valid cookie name (letters, digits, `-`, `_`, `.`; no `__` prefix)"),
         );
     }
-    let path = e.opt_text("session.cookie.path", &c.path).unwrap_or_else(|| "/".into());
-    if !path.starts_with('/') || path.bytes().any(|b| b == b';' || b.is_ascii_control() || b == b' ') {
-        e.add("session.cookie.path", "must start with `/` and hold no `;`, spaces or control bytes");
+    let path = e
+        .opt_text("session.cookie.path", &c.path)
+        .unwrap_or_else(|| "/".into());
+    if !path.starts_with('/')
+        || path
+            .bytes()
+            .any(|b| b == b';' || b.is_ascii_control() || b == b' ')
+    {
+        e.add(
+            "session.cookie.path",
+            "must start with `/` and hold no `;`, spaces or control bytes",
+        );
     }
     let domain = e.opt_text("session.cookie.domain", &c.domain);
     if let Some(d) = &domain {
-        if d.is_empty() || d.bytes().any(|b| !(b.is_ascii_alphanumeric() || b == b'.' || b == b'-')) {
-            e.add("session.cookie.domain", format!("`{d}` is not a valid domain"));
+        if d.is_empty()
+            || d.bytes()
+                .any(|b| !(b.is_ascii_alphanumeric() || b == b'.' || b == b'-'))
+        {
+            e.add(
+                "session.cookie.domain",
+                format!("`{d}` is not a valid domain"),
+            );
         }
     }
-    let same_site = match e.choice("session.cookie.same_site", &c.same_site, &["lax", "strict", "none"]) {
+    let same_site = match e.choice(
+        "session.cookie.same_site",
+        &c.same_site,
+        &["lax", "strict", "none"],
+    ) {
         "strict" => SameSite::Strict,
         "none" => SameSite::None,
         _ => SameSite::Lax,
     };
-    let secure = match e.choice("session.cookie.secure", &c.secure, &["auto", "always", "never"]) {
+    let secure = match e.choice(
+        "session.cookie.secure",
+        &c.secure,
+        &["auto", "always", "never"],
+    ) {
         "always" => SecureMode::Always,
         "never" => SecureMode::Never,
         _ => SecureMode::Auto,
@@ -994,30 +1095,49 @@ fn build_session(raw: &RawSession, store: &StoreConfig, e: &mut Errors) -> Sessi
     };
     if let Some(p) = undeclared {
         if !p.clientside && !has_store {
-            e.add("session.undeclared_keys.clientside", "server-side keys need a store (store.kind is none)");
+            e.add(
+                "session.undeclared_keys.clientside",
+                "server-side keys need a store (store.kind is none)",
+            );
         }
         if p.secure && secure == SecureMode::Never {
-            e.add("session.undeclared_keys.secure", "secure keys cannot work with cookie.secure: never");
+            e.add(
+                "session.undeclared_keys.secure",
+                "secure keys cannot work with cookie.secure: never",
+            );
         }
     }
     let mut declared = HashMap::new();
     for (k, p) in &raw.keys {
         let field = format!("session.keys.{k}");
         if !valid_key(k) {
-            e.add(field.clone(), format!("invalid key `{k}` (keys match [A-Za-z0-9_.-]{{1,64}})"));
+            e.add(
+                field.clone(),
+                format!("invalid key `{k}` (keys match [A-Za-z0-9_.-]{{1,64}})"),
+            );
         }
         // Fields a declaration leaves out: server-side, permanent, not secure.
         let p = fill(p, Policy::SERVER);
         if !p.clientside && !has_store {
-            e.add(field.clone(), "a server-side key needs a store (store.kind is none); add `clientside: true`");
+            e.add(
+                field.clone(),
+                "a server-side key needs a store (store.kind is none); add `clientside: true`",
+            );
         }
         if p.secure && secure == SecureMode::Never {
-            e.add("session.cookie.secure", format!("secure: never contradicts the secure key `{k}`"));
+            e.add(
+                "session.cookie.secure",
+                format!("secure: never contradicts the secure key `{k}`"),
+            );
         }
         declared.insert(k.clone(), p);
     }
 
-    let lifetime = e.duration("session.lifetime", &raw.lifetime, Duration::from_secs(7 * 86400));
+    let lifetime = e.duration(
+        "session.lifetime",
+        &raw.lifetime,
+        Duration::from_secs(7 * 86400),
+    );
     if lifetime.is_zero() {
         e.add("session.lifetime", "must be longer than 0");
     }
@@ -1026,7 +1146,11 @@ fn build_session(raw: &RawSession, store: &StoreConfig, e: &mut Errors) -> Sessi
         .as_ref()
         .map(|_| e.duration("session.idle_timeout", &raw.idle_timeout, Duration::ZERO))
         .filter(|d| !d.is_zero());
-    let touch = e.duration("session.touch_interval", &raw.touch_interval, Duration::from_secs(60));
+    let touch = e.duration(
+        "session.touch_interval",
+        &raw.touch_interval,
+        Duration::from_secs(60),
+    );
     if let Some(idle) = idle {
         if touch >= idle {
             e.add(
@@ -1055,7 +1179,10 @@ fn build_session(raw: &RawSession, store: &StoreConfig, e: &mut Errors) -> Sessi
         }
     }
     if raw.revocation && !has_store {
-        e.add("session.revocation", "revocation needs a store (store.kind is none)");
+        e.add(
+            "session.revocation",
+            "revocation needs a store (store.kind is none)",
+        );
     }
 
     let ms = |d: Duration| d.as_millis().min(u64::MAX as u128) as u64;
@@ -1082,17 +1209,24 @@ fn build_session(raw: &RawSession, store: &StoreConfig, e: &mut Errors) -> Sessi
 
 /// An HTTP header name token.
 fn valid_header_name(n: &str) -> bool {
-    !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !n.is_empty()
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn valid_upstream(u: &str) -> bool {
     let Some((host, port)) = u.rsplit_once(':') else {
         return false;
     };
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     !host.is_empty()
         && port.parse::<u16>().is_ok_and(|p| p != 0)
-        && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:_".contains(&b))
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:_".contains(&b))
 }
 
 fn build_routes(raw: &[RawRoute], e: &mut Errors) -> Vec<RouteConfig> {
@@ -1108,7 +1242,9 @@ fn build_routes(raw: &[RawRoute], e: &mut Errors) -> Vec<RouteConfig> {
         } else if out.iter().any(|o| o.name == name) {
             e.add(at("name"), format!("route name `{name}` is used twice"));
         }
-        let host = e.opt_text(&at("match.host"), &r.matches.host).map(|h| h.to_ascii_lowercase());
+        let host = e
+            .opt_text(&at("match.host"), &r.matches.host)
+            .map(|h| h.to_ascii_lowercase());
         if let Some(h) = &host {
             let bare = h.strip_prefix("*.").unwrap_or(h);
             if bare.is_empty() || bare.contains(['*', ':', '/', ' ']) {
@@ -1118,7 +1254,9 @@ fn build_routes(raw: &[RawRoute], e: &mut Errors) -> Vec<RouteConfig> {
                 );
             }
         }
-        let path_prefix = e.opt_text(&at("match.path_prefix"), &r.matches.path_prefix).unwrap_or_else(|| "/".into());
+        let path_prefix = e
+            .opt_text(&at("match.path_prefix"), &r.matches.path_prefix)
+            .unwrap_or_else(|| "/".into());
         if !path_prefix.starts_with('/') {
             e.add(at("match.path_prefix"), "must start with `/`");
         }
@@ -1146,11 +1284,17 @@ fn build_routes(raw: &[RawRoute], e: &mut Errors) -> Vec<RouteConfig> {
             if !valid_header_name(h) {
                 e.add(field.clone(), format!("`{h}` is not a valid header name"));
             } else if crate::directives::is_session_header(&crate::directives::normalized_name(h)) {
-                e.add(field.clone(), "names starting with X-Session are reserved for the gateway");
+                e.add(
+                    field.clone(),
+                    "names starting with X-Session are reserved for the gateway",
+                );
             }
             let key = e.key(&field, key);
             if valid_key(&key) && !read.contains(&key) {
-                e.add(field, format!("key `{key}` is not readable on this route (add it to read:)"));
+                e.add(
+                    field,
+                    format!("key `{key}` is not readable on this route (add it to read:)"),
+                );
             }
             headers.push((h.clone(), key));
         }
@@ -1169,7 +1313,10 @@ fn build_routes(raw: &[RawRoute], e: &mut Errors) -> Vec<RouteConfig> {
             }) => {
                 let to = e.text(&at("session.on_missing.redirect"), to);
                 if to.is_empty() || to.bytes().any(|b| b.is_ascii_control() || b == b' ') {
-                    e.add(at("session.on_missing.redirect"), "must be a URL or path without spaces");
+                    e.add(
+                        at("session.on_missing.redirect"),
+                        "must be a URL or path without spaces",
+                    );
                 }
                 OnMissing::Redirect(to)
             }
@@ -1178,21 +1325,39 @@ fn build_routes(raw: &[RawRoute], e: &mut Errors) -> Vec<RouteConfig> {
                 status: Some(s),
             }) => {
                 if !(200..=599).contains(s) {
-                    e.add(at("session.on_missing.status"), "must be an HTTP status between 200 and 599");
+                    e.add(
+                        at("session.on_missing.status"),
+                        "must be an HTTP status between 200 and 599",
+                    );
                 }
                 OnMissing::Status(*s)
             }
             Some(_) => {
-                e.add(at("session.on_missing"), "give exactly one of `redirect` or `status`");
+                e.add(
+                    at("session.on_missing"),
+                    "give exactly one of `redirect` or `status`",
+                );
                 OnMissing::Status(401)
             }
         };
-        let on_directive_error = match e.choice(&at("on_directive_error"), &r.on_directive_error, &["reject", "ignore"]) {
+        let on_directive_error = match e.choice(
+            &at("on_directive_error"),
+            &r.on_directive_error,
+            &["reject", "ignore"],
+        ) {
             "ignore" => OnDirectiveError::Ignore,
             _ => OnDirectiveError::Reject,
         };
-        let connect_timeout = e.duration(&at("connect_timeout"), &r.connect_timeout, Duration::from_secs(5));
-        let read_timeout = e.duration(&at("read_timeout"), &r.read_timeout, Duration::from_secs(60));
+        let connect_timeout = e.duration(
+            &at("connect_timeout"),
+            &r.connect_timeout,
+            Duration::from_secs(5),
+        );
+        let read_timeout = e.duration(
+            &at("read_timeout"),
+            &r.read_timeout,
+            Duration::from_secs(60),
+        );
         out.push(RouteConfig {
             name,
             host,
@@ -1241,14 +1406,22 @@ mod tests {
         assert_eq!(c.session.settings.idle_timeout, None);
         assert_eq!(c.routes[0].read, KeySet::All);
         assert_eq!(c.routes[0].path_prefix, "/");
-        assert!(c.session.settings.policies.for_write("x").is_some_and(|p| !p.clientside));
+        assert!(c
+            .session
+            .settings
+            .policies
+            .for_write("x")
+            .is_some_and(|p| !p.clientside));
     }
 
     #[test]
     fn unknown_field_names_field_and_line() {
         let y = format!("session:\n  secrets: [\"{SECRET}\"]\n  lifetyme: 1d\nroutes: []\n");
         let e = parse(&y).unwrap_err().to_string();
-        assert!(e.contains("session.lifetyme: unknown field `lifetyme`"), "{e}");
+        assert!(
+            e.contains("session.lifetyme: unknown field `lifetyme`"),
+            "{e}"
+        );
         assert!(e.contains("(line 3)"), "{e}");
     }
 
@@ -1281,14 +1454,20 @@ mod tests {
             f.display()
         );
         let c = parse(&y).unwrap();
-        assert_eq!(c.session.secrets, vec![SECRET.to_string(), format!("{SECRET}-from-file")]);
+        assert_eq!(
+            c.session.secrets,
+            vec![SECRET.to_string(), format!("{SECRET}-from-file")]
+        );
         assert_eq!(c.routes[0].upstreams, vec!["127.0.0.1:9"]);
         let y = "session:\n  secrets: [\"${GIMLET_TEST_UNSET_VAR}\"]\nroutes: []\n";
         let e = parse(y).unwrap_err().to_string();
         assert!(e.contains("GIMLET_TEST_UNSET_VAR` is not set"), "{e}");
         let y = "session:\n  secrets: [\"file:/nonexistent/secret\"]\nroutes:\n  - name: a\n    upstreams: [a:1]\n";
         let e = parse(y).unwrap_err().to_string();
-        assert!(e.contains("cannot read secret file /nonexistent/secret"), "{e}");
+        assert!(
+            e.contains("cannot read secret file /nonexistent/secret"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1298,9 +1477,16 @@ mod tests {
         );
         let e = parse(&y).unwrap_err();
         let msgs: Vec<String> = e.errors.iter().map(|e| e.to_string()).collect();
-        assert!(msgs.iter().any(|m| m.starts_with("session.cookie.same_site") && m.ends_with("(line 3)")), "{msgs:?}");
         assert!(
-            msgs.iter().any(|m| m.contains("routes[0].session.headers.X-Remote-Role") && m.contains("not readable") && m.ends_with("(line 9)")),
+            msgs.iter()
+                .any(|m| m.starts_with("session.cookie.same_site") && m.ends_with("(line 3)")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("routes[0].session.headers.X-Remote-Role")
+                    && m.contains("not readable")
+                    && m.ends_with("(line 9)")),
             "{msgs:?}"
         );
     }
@@ -1311,13 +1497,22 @@ mod tests {
             "session:\n  secrets: [\"{SECRET}\"]\nroutes:\n  - name: a\n    match: {{ path_prefix: api }}\n    upstreams: [nope]\n    session: {{ read: some, on_missing: {{ status: 401, redirect: /x }} }}\n"
         );
         let e = parse(&y).unwrap_err().to_string();
-        assert!(e.contains("routes[0].session.read: expected `all`, `none`, or a list of keys"), "{e}");
+        assert!(
+            e.contains("routes[0].session.read: expected `all`, `none`, or a list of keys"),
+            "{e}"
+        );
         let y = format!(
             "session:\n  secrets: [\"{SECRET}\"]\nroutes:\n  - name: a\n    match: {{ path_prefix: api }}\n    upstreams: [nope]\n    session: {{ on_missing: {{ status: 401, redirect: /x }} }}\n  - name: a\n    upstreams: [x:1]\n"
         );
         let e = parse(&y).unwrap_err().to_string();
-        assert!(e.contains("routes[0].match.path_prefix: must start with `/`"), "{e}");
-        assert!(e.contains("routes[0].upstreams[0]: `nope` is not host:port"), "{e}");
+        assert!(
+            e.contains("routes[0].match.path_prefix: must start with `/`"),
+            "{e}"
+        );
+        assert!(
+            e.contains("routes[0].upstreams[0]: `nope` is not host:port"),
+            "{e}"
+        );
         assert!(e.contains("give exactly one of"), "{e}");
         assert!(e.contains("route name `a` is used twice"), "{e}");
     }
@@ -1326,19 +1521,40 @@ mod tests {
     fn store_none_policies() {
         let c = parse(&minimal("").replace("routes:", "store: { kind: none }\nroutes:")).unwrap();
         assert!(!c.session.settings.has_store);
-        assert!(c.session.settings.policies.for_write("x").unwrap().clientside);
-        let y = minimal("  keys: { big: {} }\n").replace("routes:", "store: { kind: none }\nroutes:");
-        assert!(parse(&y).unwrap_err().to_string().contains("session.keys.big"));
-        let y = minimal("  revocation: true\n").replace("routes:", "store: { kind: none }\nroutes:");
-        assert!(parse(&y).unwrap_err().to_string().contains("revocation needs a store"));
+        assert!(
+            c.session
+                .settings
+                .policies
+                .for_write("x")
+                .unwrap()
+                .clientside
+        );
+        let y =
+            minimal("  keys: { big: {} }\n").replace("routes:", "store: { kind: none }\nroutes:");
+        assert!(parse(&y)
+            .unwrap_err()
+            .to_string()
+            .contains("session.keys.big"));
+        let y =
+            minimal("  revocation: true\n").replace("routes:", "store: { kind: none }\nroutes:");
+        assert!(parse(&y)
+            .unwrap_err()
+            .to_string()
+            .contains("revocation needs a store"));
     }
 
     #[test]
     fn redis_store_fields() {
         let y = minimal("").replace("routes:", "store: { kind: redis }\nroutes:");
         assert!(parse(&y).unwrap_err().to_string().contains("needs `url`"));
-        let y = minimal("").replace("routes:", "store: { kind: redis, url: \"http://x\" }\nroutes:");
-        assert!(parse(&y).unwrap_err().to_string().contains("redis:// or rediss://"));
+        let y = minimal("").replace(
+            "routes:",
+            "store: { kind: redis, url: \"http://x\" }\nroutes:",
+        );
+        assert!(parse(&y)
+            .unwrap_err()
+            .to_string()
+            .contains("redis:// or rediss://"));
         let y = minimal("").replace(
             "routes:",
             "store: { kind: redis, url: \"redis://:pw@127.0.0.1:6379/2\", timeout: 100ms, on_error: degrade }\nroutes:",
@@ -1362,7 +1578,10 @@ mod tests {
     #[test]
     fn env_expansion() {
         std::env::set_var("GIMLET_TEST_A", "x");
-        assert_eq!(expand_env("a${GIMLET_TEST_A}b${GIMLET_TEST_A}").unwrap(), "axbx");
+        assert_eq!(
+            expand_env("a${GIMLET_TEST_A}b${GIMLET_TEST_A}").unwrap(),
+            "axbx"
+        );
         assert_eq!(expand_env("${GIMLET_TEST_NOPE:-dflt}").unwrap(), "dflt");
         assert!(expand_env("${").is_err());
         assert!(expand_env("${A B}").is_err());

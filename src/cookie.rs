@@ -191,7 +191,10 @@ fn trim(mut b: &[u8]) -> &[u8] {
 /// The `Cookie` header to send upstream: every `Cookie` field of the request
 /// (HTTP/2 clients send several) merged into one, minus our own cookies.
 /// `None` when nothing is left.
-pub fn strip_ours<'a>(spec: &CookieSpec, headers: impl Iterator<Item = &'a [u8]>) -> Option<Vec<u8>> {
+pub fn strip_ours<'a>(
+    spec: &CookieSpec,
+    headers: impl Iterator<Item = &'a [u8]>,
+) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     for h in headers {
         for part in h.split(|&b| b == b';') {
@@ -199,7 +202,10 @@ pub fn strip_ours<'a>(spec: &CookieSpec, headers: impl Iterator<Item = &'a [u8]>
             if part.is_empty() {
                 continue;
             }
-            let name = part.iter().position(|&b| b == b'=').map_or(part, |eq| trim(&part[..eq]));
+            let name = part
+                .iter()
+                .position(|&b| b == b'=')
+                .map_or(part, |eq| trim(&part[..eq]));
             if std::str::from_utf8(name).is_ok_and(|n| spec.channel_of(n).is_some()) {
                 continue;
             }
@@ -226,7 +232,14 @@ mod tests {
     use super::*;
 
     fn spec() -> CookieSpec {
-        CookieSpec::new("gimlet", "/".into(), None, SameSite::Lax, SecureMode::Auto, false)
+        CookieSpec::new(
+            "gimlet",
+            "/".into(),
+            None,
+            SameSite::Lax,
+            SecureMode::Auto,
+            false,
+        )
     }
 
     #[test]
@@ -237,7 +250,10 @@ mod tests {
         assert_eq!(s.name(Channel::SecurePerm), "__Secure-gimlet");
         assert_eq!(s.name(Channel::SecureTrans), "__Secure-gimlet-t");
         assert_eq!(s.channel_of("GIMLET"), Some(Channel::Perm));
-        assert_eq!(s.channel_of("__secure-gimlet-t"), Some(Channel::SecureTrans));
+        assert_eq!(
+            s.channel_of("__secure-gimlet-t"),
+            Some(Channel::SecureTrans)
+        );
         assert_eq!(s.channel_of("gimlet2"), None);
         let d = CookieSpec::new("g", "/".into(), None, SameSite::Lax, SecureMode::Auto, true);
         assert_eq!(d.name(Channel::SecurePerm), "g-s");
@@ -247,7 +263,13 @@ mod tests {
     #[test]
     fn set_lines() {
         let s = spec();
-        let l = s.set_line(Channel::Perm, "abc", Some(10_000 + 3_600_000), 10_000, false);
+        let l = s.set_line(
+            Channel::Perm,
+            "abc",
+            Some(10_000 + 3_600_000),
+            10_000,
+            false,
+        );
         assert_eq!(
             l,
             "gimlet=abc; Max-Age=3600; Expires=Thu, 01 Jan 1970 01:00:10 GMT; Path=/; HttpOnly; SameSite=Lax"

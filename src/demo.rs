@@ -34,7 +34,10 @@ pub fn run(listen: &str, data: &Path) -> Result<(), String> {
     // The config reads these through ${...}; this process is their only user.
     std::env::set_var("GIMLET_DEMO_LISTEN", listen);
     std::env::set_var("GIMLET_DEMO_UPSTREAM", app_addr.to_string());
-    std::env::set_var("GIMLET_DEMO_SECRET", format!("file:{}", secret_file.display()));
+    std::env::set_var(
+        "GIMLET_DEMO_SECRET",
+        format!("file:{}", secret_file.display()),
+    );
     std::env::set_var("GIMLET_DEMO_DATA", data.display().to_string());
     let config = Config::parse(CONFIG, &data.join("demo.yaml")).map_err(|e| e.to_string())?;
     crate::logging::init(&config.log);
@@ -43,7 +46,10 @@ pub fn run(listen: &str, data: &Path) -> Result<(), String> {
     app.add_tcp(&app_addr.to_string());
     println!();
     println!("  Gimlet demo: open http://{listen}/ in a browser.");
-    println!("  The gateway keeps sessions in {}/sessions.redb;", data.display());
+    println!(
+        "  The gateway keeps sessions in {}/sessions.redb;",
+        data.display()
+    );
     println!("  the demo app on {app_addr} only sees headers. Ctrl-C stops both.");
     println!();
     crate::server::run(config, vec![Box::new(app)])
@@ -106,23 +112,34 @@ impl ServeHttp for DemoApp {
             }
         }
         let form: Vec<(String, String)> = form_urlencoded::parse(&body).into_owned().collect();
-        let field = |k: &str| form.iter().find(|(fk, _)| fk == k).map(|(_, v)| v.trim().to_string());
+        let field = |k: &str| {
+            form.iter()
+                .find(|(fk, _)| fk == k)
+                .map(|(_, v)| v.trim().to_string())
+        };
         match (method.as_str(), path.as_str()) {
             ("POST", "/login") => {
-                let name = field("name").filter(|n| !n.is_empty()).unwrap_or_else(|| "guest".into());
+                let name = field("name")
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| "guest".into());
                 let name: String = name.chars().take(40).collect();
                 let welcome = format!("Welcome, {name}. Your session id changed (Regenerate).");
                 redirect(
                     "/",
                     &[
-                        ("x-session-set", enc(&[("user", &name), ("flash", &welcome)])),
+                        (
+                            "x-session-set",
+                            enc(&[("user", &name), ("flash", &welcome)]),
+                        ),
                         ("x-session-regenerate", "1".into()),
                     ],
                 )
             }
             ("POST", "/count") => redirect("/", &[("x-session-incr", "visits=1".into())]),
             ("POST", "/cart") => {
-                let item = field("item").filter(|i| !i.is_empty()).unwrap_or_else(|| "apple".into());
+                let item = field("item")
+                    .filter(|i| !i.is_empty())
+                    .unwrap_or_else(|| "apple".into());
                 let item: String = item.chars().filter(|c| *c != ',').take(30).collect();
                 let cart = match get("cart") {
                     Some(c) if !c.is_empty() => format!("{c},{item}"),
@@ -135,7 +152,10 @@ impl ServeHttp for DemoApp {
                 "/",
                 &[
                     ("x-session-destroy", "1".into()),
-                    ("x-session-set", enc(&[("flash", "Logged out: the session was destroyed.")])),
+                    (
+                        "x-session-set",
+                        enc(&[("flash", "Logged out: the session was destroyed.")]),
+                    ),
                 ],
             ),
             ("GET", "/account") => page(session, &data, true),
@@ -187,20 +207,34 @@ fn page(session: &ServerSession, data: &[(String, String)], account: bool) -> Re
         .iter()
         .filter(|(n, _)| {
             let n = n.as_str();
-            n.starts_with("x-session") || n == "x-remote-user" || n == "cookie" || n.starts_with("x-forwarded")
+            n.starts_with("x-session")
+                || n == "x-remote-user"
+                || n == "cookie"
+                || n.starts_with("x-forwarded")
         })
-        .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(n, v)| {
+            (
+                n.to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     names.sort();
     for (n, v) in &names {
-        h.push_str(&format!("<tr><td><code>{}</code></td><td><code>{}</code></td></tr>", esc(n), esc(v)));
+        h.push_str(&format!(
+            "<tr><td><code>{}</code></td><td><code>{}</code></td></tr>",
+            esc(n),
+            esc(v)
+        ));
     }
     if names.is_empty() {
         h.push_str("<tr><td colspan=2>no session yet: nothing is stored and no cookie is set until the first write</td></tr>");
     }
     h.push_str("</table><p>The gateway's cookie never reaches the app (no <code>cookie</code> row above holds it), and a client cannot forge these headers: the gateway strips them from every request.</p>");
     if !data.is_empty() {
-        h.push_str("<h2>Decoded <code>X-Session</code></h2><table><tr><th>key</th><th>value</th></tr>");
+        h.push_str(
+            "<h2>Decoded <code>X-Session</code></h2><table><tr><th>key</th><th>value</th></tr>",
+        );
         for (k, v) in data {
             h.push_str(&format!("<tr><td>{}</td><td>{}</td></tr>", esc(k), esc(v)));
         }

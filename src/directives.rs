@@ -243,22 +243,34 @@ mod tests {
             ]
         );
         assert_eq!(d.delete, vec!["x", "y", "z"]);
-        assert_eq!(d.incr, vec![("n".into(), 5), ("n".into(), -2), ("m".into(), 0)]);
+        assert_eq!(
+            d.incr,
+            vec![("n".into(), 5), ("n".into(), -2), ("m".into(), 0)]
+        );
         assert!(!d.destroy && !d.regenerate);
     }
 
     #[test]
     fn empty_value_and_empty_segments() {
         let d = p(&[("X-Session-Set", "a=&&b=x&")]).unwrap();
-        assert_eq!(d.set, vec![("a".into(), "".into()), ("b".into(), "x".into())]);
+        assert_eq!(
+            d.set,
+            vec![("a".into(), "".into()), ("b".into(), "x".into())]
+        );
     }
 
     #[test]
     fn regenerate_destroy() {
         let d = p(&[("X-Session-Destroy", "1"), ("X_SESSION_REGENERATE", "1")]).unwrap();
         assert!(d.destroy && d.regenerate);
-        assert_eq!(p(&[("X-Session-Destroy", "yes")]).unwrap_err().reason, "bad_value");
-        assert_eq!(p(&[("X-Session-Regenerate", "0")]).unwrap_err().reason, "bad_value");
+        assert_eq!(
+            p(&[("X-Session-Destroy", "yes")]).unwrap_err().reason,
+            "bad_value"
+        );
+        assert_eq!(
+            p(&[("X-Session-Regenerate", "0")]).unwrap_err().reason,
+            "bad_value"
+        );
     }
 
     #[test]

@@ -35,20 +35,32 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
-            r.register(Box::new(c.clone())).expect("metric names are unique");
+            r.register(Box::new(c.clone()))
+                .expect("metric names are unique");
             c
         }
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            reg(&registry, IntCounterVec::new(Opts::new(name, help), labels).unwrap())
+            reg(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).unwrap(),
+            )
         };
         let histo = |name: &str, help: &str, labels: &[&str], buckets: &[f64]| {
             reg(
                 &registry,
-                HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels).unwrap(),
+                HistogramVec::new(
+                    HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+                    labels,
+                )
+                .unwrap(),
             )
         };
         let m = Metrics {
-            requests: counter("gimlet_requests_total", "Requests answered, by route and status.", &["route", "status"]),
+            requests: counter(
+                "gimlet_requests_total",
+                "Requests answered, by route and status.",
+                &["route", "status"],
+            ),
             request_duration: histo(
                 "gimlet_request_duration_seconds",
                 "Time from request start to the end of the response, by route.",
@@ -61,13 +73,21 @@ impl Metrics {
                 &["route"],
                 LATENCY,
             ),
-            sessions: counter("gimlet_sessions_total", "Session lifecycle events.", &["event"]),
+            sessions: counter(
+                "gimlet_sessions_total",
+                "Session lifecycle events.",
+                &["event"],
+            ),
             cookies_rejected: counter(
                 "gimlet_cookies_rejected_total",
                 "Request cookies treated as no session, by reason.",
                 &["reason"],
             ),
-            directives: counter("gimlet_directives_total", "Directives applied, by kind.", &["directive"]),
+            directives: counter(
+                "gimlet_directives_total",
+                "Directives applied, by kind.",
+                &["directive"],
+            ),
             directive_errors: counter(
                 "gimlet_directive_errors_total",
                 "Responses whose directives were rejected, by reason.",
@@ -87,15 +107,28 @@ impl Metrics {
             set_cookie_bytes: reg(
                 &registry,
                 Histogram::with_opts(
-                    HistogramOpts::new("gimlet_set_cookie_bytes", "Size of each Set-Cookie value sent.")
-                        .buckets(vec![64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 3072.0, 4096.0]),
+                    HistogramOpts::new(
+                        "gimlet_set_cookie_bytes",
+                        "Size of each Set-Cookie value sent.",
+                    )
+                    .buckets(vec![
+                        64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 3072.0, 4096.0,
+                    ]),
                 )
                 .unwrap(),
             ),
-            config_reloads: counter("gimlet_config_reloads_total", "Config reloads (SIGHUP), by result.", &["result"]),
+            config_reloads: counter(
+                "gimlet_config_reloads_total",
+                "Config reloads (SIGHUP), by result.",
+                &["result"],
+            ),
             build_info: reg(
                 &registry,
-                IntGaugeVec::new(Opts::new("gimlet_build_info", "Build information."), &["version"]).unwrap(),
+                IntGaugeVec::new(
+                    Opts::new("gimlet_build_info", "Build information."),
+                    &["version"],
+                )
+                .unwrap(),
             ),
             forward_too_large: counter(
                 "gimlet_forward_too_large_total",
@@ -112,7 +145,9 @@ impl Metrics {
             ),
             registry,
         };
-        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
         // Pre-create the fixed label sets so that every family shows at 0.
         for e in ["created", "regenerated", "destroyed", "expired"] {
             m.sessions.with_label_values(&[e]);

@@ -93,9 +93,7 @@ impl Ctx {
 }
 
 fn is_tls(session: &Session_) -> bool {
-    session
-        .digest()
-        .is_some_and(|d| d.ssl_digest.is_some())
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
 }
 
 type Session_ = pingora::proxy::Session;
@@ -126,7 +124,9 @@ async fn respond(
         resp.append_header(*k, v.as_str())?;
     }
     let head_only = session.req_header().method == http::Method::HEAD;
-    session.write_response_header(Box::new(resp), head_only).await?;
+    session
+        .write_response_header(Box::new(resp), head_only)
+        .await?;
     if !head_only {
         session
             .write_response_body(Some(Bytes::copy_from_slice(body.as_bytes())), true)
@@ -208,10 +208,11 @@ impl ProxyHttp for Gateway {
         ctx.now = crate::now_ms();
         let state = ctx.state.clone();
         let req = session.req_header();
-        let host = req
-            .uri
-            .host()
-            .or_else(|| req.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()));
+        let host = req.uri.host().or_else(|| {
+            req.headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        });
         let Some(idx) = state.router.find(host, req.uri.path()) else {
             respond(session, 404, "no route for this host and path\n", &[]).await?;
             return Ok(true);
@@ -234,7 +235,10 @@ impl ProxyHttp for Gateway {
             &state.codec,
             &cfg.session.cookie,
             settings,
-            req.headers.get_all(http::header::COOKIE).iter().map(|v| v.as_bytes()),
+            req.headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .map(|v| v.as_bytes()),
             RequestInfo {
                 https: ctx.https,
                 now: ctx.now,
@@ -251,13 +255,18 @@ impl ProxyHttp for Gateway {
         let plan = ctx
             .session
             .load_plan(settings, &route.cfg.read, &route.cfg.require);
-        if let (false, Some(store), Some(meta)) = (plan.is_empty(), &self.shared.store, ctx.session.meta) {
+        if let (false, Some(store), Some(meta)) =
+            (plan.is_empty(), &self.shared.store, ctx.session.meta)
+        {
             ctx.store_round_trips += 1;
             let key = crate::store::StoreKey {
                 id: meta.id,
                 tag: meta.tag,
             };
-            match self.timed("read", cfg.store.timeout, store.load(&key, plan.0)).await {
+            match self
+                .timed("read", cfg.store.timeout, store.load(&key, plan.0))
+                .await
+            {
                 Ok(loaded) => ctx.session.stored = loaded,
                 Err(e) => {
                     tracing::warn!(route = %route.cfg.name, error = %e, "session store read failed");
@@ -281,7 +290,10 @@ impl ProxyHttp for Gateway {
         {
             let mut extra = Vec::new();
             // Rejected cookies are cleared even on a gate answer.
-            if let Ok(o) = ctx.session.apply(&Directives::default(), &self.write_context(ctx, route)) {
+            if let Ok(o) = ctx
+                .session
+                .apply(&Directives::default(), &self.write_context(ctx, route))
+            {
                 extra.extend(o.set_cookies.into_iter().map(|c| ("set-cookie", c)));
             }
             match &route.cfg.on_missing {
@@ -292,8 +304,11 @@ impl ProxyHttp for Gateway {
                         .path_and_query()
                         .map_or("/", |p| p.as_str())
                         .to_string();
-                    let enc = percent_encoding::utf8_percent_encode(&pq, percent_encoding::NON_ALPHANUMERIC)
-                        .to_string();
+                    let enc = percent_encoding::utf8_percent_encode(
+                        &pq,
+                        percent_encoding::NON_ALPHANUMERIC,
+                    )
+                    .to_string();
                     extra.push(("location", target.replace("{path}", &enc)));
                     respond(session, 302, "login required\n", &extra).await?;
                 }
@@ -360,7 +375,7 @@ impl ProxyHttp for Gateway {
                 let n = directives::normalized_name(name.as_str());
                 directives::is_session_header(&n)
                     || n == "x-forwarded-proto"
-                    || route.mapped_names.iter().any(|m| *m == n)
+                    || route.mapped_names.contains(&n)
             })
             .cloned()
             .collect();
@@ -371,14 +386,20 @@ impl ProxyHttp for Gateway {
         let spec = &state.config.session.cookie;
         let merged = crate::cookie::strip_ours(
             spec,
-            up.headers.get_all(http::header::COOKIE).iter().map(|v| v.as_bytes()),
+            up.headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .map(|v| v.as_bytes()),
         );
         up.remove_header(&http::header::COOKIE);
         if let Some(c) = merged {
             up.insert_header(http::header::COOKIE, c)?;
         }
 
-        up.insert_header("x-forwarded-proto", if ctx.https { "https" } else { "http" })?;
+        up.insert_header(
+            "x-forwarded-proto",
+            if ctx.https { "https" } else { "http" },
+        )?;
         if let Some(ip) = client_ip(session) {
             let prior: Vec<String> = up
                 .headers
@@ -460,7 +481,10 @@ impl ProxyHttp for Gateway {
             for v in cookies {
                 if ours(&v) {
                     self.shared.metrics.upstream_cookies_dropped.inc();
-                    tracing::warn!(route = ctx.route_name(), "upstream Set-Cookie with a gateway cookie name dropped");
+                    tracing::warn!(
+                        route = ctx.route_name(),
+                        "upstream Set-Cookie with a gateway cookie name dropped"
+                    );
                 } else {
                     resp.append_header(http::header::SET_COOKIE, v)?;
                 }
@@ -478,13 +502,20 @@ impl ProxyHttp for Gateway {
         let state = ctx.state.clone();
         let Some(idx) = ctx.route else { return Ok(()) };
         let route = &state.router.routes()[idx];
-        let parsed = ctx.directives.take().unwrap_or_else(|| Ok(Directives::default()));
-        let mut outcome = parsed.and_then(|d| ctx.session.apply(&d, &self.write_context(ctx, route)));
+        let parsed = ctx
+            .directives
+            .take()
+            .unwrap_or_else(|| Ok(Directives::default()));
+        let mut outcome =
+            parsed.and_then(|d| ctx.session.apply(&d, &self.write_context(ctx, route)));
 
         if let Ok(o) = &outcome {
             if let (Some(batch), Some(store)) = (&o.batch, &self.shared.store) {
                 ctx.store_round_trips += 1;
-                match self.timed("write", state.config.store.timeout, store.write(batch)).await {
+                match self
+                    .timed("write", state.config.store.timeout, store.write(batch))
+                    .await
+                {
                     Ok(()) => {}
                     Err(StoreError::Rejected(e)) => outcome = Err(e),
                     Err(e) if state.config.store.on_error == OnError::Fail => {
@@ -518,7 +549,10 @@ impl ProxyHttp for Gateway {
                 if route.cfg.on_directive_error == OnDirectiveError::Reject {
                     ctx.answer = Some(LocalAnswer {
                         status: 502,
-                        body: format!("gimlet: the upstream's session directives were rejected: {}\n", e.detail),
+                        body: format!(
+                            "gimlet: the upstream's session directives were rejected: {}\n",
+                            e.detail
+                        ),
                         retry_after: false,
                     });
                     return Error::e_explain(HTTPStatus(502), "session directive rejected");
@@ -613,6 +647,9 @@ impl ProxyHttp for Gateway {
     }
 
     async fn fail_to_proxy(&self, session: &mut Session_, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        // pingora drops the client connection after a failure past this
+        // point; say so, so a client does not reuse it.
+        session.set_keepalive(None);
         if let Some(a) = ctx.answer.take() {
             let extra: Vec<(&'static str, String)> = if a.retry_after {
                 vec![("retry-after", "1".to_string())]
@@ -656,9 +693,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session_, e: Option<&Error>, ctx: &mut Ctx) {
-        let status = session
-            .response_written()
-            .map_or(0, |r| r.status.as_u16());
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let route = ctx.route_name().to_string();
         let m = &self.shared.metrics;
         let elapsed = ctx.start.elapsed();
@@ -694,5 +729,7 @@ static STATUS_LABELS: std::sync::LazyLock<Vec<String>> =
 
 /// The status as a label without an allocation per request.
 fn status_label(s: u16) -> &'static str {
-    STATUS_LABELS.get(s as usize).map_or("other", |s| s.as_str())
+    STATUS_LABELS
+        .get(s as usize)
+        .map_or("other", |s| s.as_str())
 }

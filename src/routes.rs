@@ -53,7 +53,9 @@ impl Router {
                     .to_socket_addrs()
                     .map_err(|e| format!("routes[{i}].upstreams[{j}]: cannot resolve `{u}`: {e}"))?
                     .next()
-                    .ok_or_else(|| format!("routes[{i}].upstreams[{j}]: `{u}` resolves to no address"))?;
+                    .ok_or_else(|| {
+                        format!("routes[{i}].upstreams[{j}]: `{u}` resolves to no address")
+                    })?;
                 upstreams.push(addr);
             }
             routes.push((
@@ -119,7 +121,9 @@ fn host_matches(pattern: Option<&str>, host: Option<&str>) -> bool {
 /// `/api` matches `/api` and `/api/x`, not `/apix`.
 fn prefix_matches(prefix: &str, path: &str) -> bool {
     path.starts_with(prefix)
-        && (prefix.ends_with('/') || path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/')
+        && (prefix.ends_with('/')
+            || path.len() == prefix.len()
+            || path.as_bytes()[prefix.len()] == b'/')
 }
 
 #[cfg(test)]
@@ -159,7 +163,10 @@ mod tests {
         .unwrap();
         let f = |h: Option<&str>, p: &str| r.find(h, p).map(|i| r.routes()[i].cfg.name.as_str());
         assert_eq!(f(Some("app.example.com"), "/"), Some("exact"));
-        assert_eq!(f(Some("APP.example.com:8080"), "/account/x"), Some("exact-acct"));
+        assert_eq!(
+            f(Some("APP.example.com:8080"), "/account/x"),
+            Some("exact-acct")
+        );
         assert_eq!(f(Some("app.example.com"), "/accounts"), Some("exact"));
         assert_eq!(f(Some("app.example.com"), "/api/x"), Some("exact"));
         assert_eq!(f(Some("a.b.example.com"), "/api"), Some("wild"));

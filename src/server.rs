@@ -29,7 +29,10 @@ pub fn open_store(config: &Config) -> Result<Option<Store>, String> {
         StoreKind::Embedded { path } => Some(Store::Embedded(
             EmbeddedStore::open(path).map_err(|e| format!("store.path: {e}"))?,
         )),
-        StoreKind::Redis(r) => Some(Store::Redis(RedisStore::new(r.clone(), config.store.timeout)?)),
+        StoreKind::Redis(r) => Some(Store::Redis(RedisStore::new(
+            r.clone(),
+            config.store.timeout,
+        )?)),
     })
 }
 
@@ -62,7 +65,15 @@ pub fn run(
         metrics: Metrics::new(),
     });
 
-    let grace = config.server.grace_period.as_secs().max(if config.server.grace_period.is_zero() { 0 } else { 1 });
+    let grace = config
+        .server
+        .grace_period
+        .as_secs()
+        .max(if config.server.grace_period.is_zero() {
+            0
+        } else {
+            1
+        });
     let mut conf = ServerConf {
         threads: config.server.threads,
         grace_period_seconds: Some(grace),
@@ -88,11 +99,9 @@ pub fn run(
         let addr = concrete(l.addr)?;
         match &l.tls {
             Some(t) => {
-                let mut tls = TlsSettings::intermediate(
-                    &t.cert.to_string_lossy(),
-                    &t.key.to_string_lossy(),
-                )
-                .map_err(|e| format!("listen {addr}: TLS certificate or key: {e}"))?;
+                let mut tls =
+                    TlsSettings::intermediate(&t.cert.to_string_lossy(), &t.key.to_string_lossy())
+                        .map_err(|e| format!("listen {addr}: TLS certificate or key: {e}"))?;
                 tls.enable_h2();
                 proxy.add_tls_with_settings(&addr.to_string(), None, tls);
                 lines.push(format!("gimlet listening on https://{addr}"));
@@ -157,7 +166,9 @@ impl Reloader {
             .and_then(|c| {
                 let old = self.shared.state.load();
                 if c.store != old.config.store {
-                    tracing::warn!("reload: store settings changed; they take effect after a restart");
+                    tracing::warn!(
+                        "reload: store settings changed; they take effect after a restart"
+                    );
                 }
                 if c.listen != old.config.listen || c.admin != old.config.admin {
                     tracing::warn!("reload: listener changes take effect after a restart");

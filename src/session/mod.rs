@@ -169,8 +169,7 @@ impl KeyPolicies {
 pub fn valid_key(k: &str) -> bool {
     !k.is_empty()
         && k.len() <= 64
-        && k
-            .bytes()
+        && k.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
 }
 
@@ -375,6 +374,11 @@ fn channel_order(home: Channel) -> [Channel; 4] {
     out
 }
 
+/// Labels of `gimlet_directives_total`, in [`Outcome::applied`] order.
+pub fn write_labels() -> [&'static str; 5] {
+    write::DIRECTIVE_LABELS
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -384,7 +388,10 @@ mod tests {
         let a = SessionId::random();
         let b = SessionId::random();
         assert_eq!(a.hex().len(), 32);
-        assert!(a.hex().bytes().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(a
+            .hex()
+            .bytes()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         assert_ne!(a, b);
     }
 
@@ -413,9 +420,4 @@ mod tests {
         assert_eq!(p(false, false, true).channel(), Channel::SecureTrans);
         assert_eq!(channel_order(Channel::SecureTrans)[0], Channel::SecureTrans);
     }
-}
-
-/// Labels of `gimlet_directives_total`, in [`Outcome::applied`] order.
-pub fn write_labels() -> [&'static str; 5] {
-    write::DIRECTIVE_LABELS
 }

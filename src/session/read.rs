@@ -241,7 +241,9 @@ mod tests {
         assert_eq!(encode_header_value("50%\r\nX: y"), "50%25%0D%0AX: y");
         assert_eq!(encode_header_value("é"), "%C3%A9");
         let encoded = encode_header_value(" ü%\t ");
-        let decoded = percent_encoding::percent_decode_str(&encoded).decode_utf8().unwrap();
+        let decoded = percent_encoding::percent_decode_str(&encoded)
+            .decode_utf8()
+            .unwrap();
         assert_eq!(decoded, " ü%\t ");
     }
 }

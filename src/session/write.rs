@@ -11,8 +11,8 @@ use super::{
 };
 use crate::codec::{self, Codec};
 use crate::cookie::{CookieSpec, MAX_SET_COOKIE};
-use crate::directives::Directives;
 pub use crate::directives::DirectiveError;
+use crate::directives::Directives;
 use crate::store::{ChannelWrite, LimitCheck, StoreKey, WriteBatch};
 use std::collections::BTreeMap;
 
@@ -129,7 +129,7 @@ impl Work {
             if !(clientside && ch == home) {
                 self.cookie_remove(i, key);
             }
-            if !(!clientside && ch == home) && self.store_may_hold(i, key) {
+            if (clientside || ch != home) && self.store_may_hold(i, key) {
                 self.store_delete(i, key);
             }
         }
@@ -270,7 +270,11 @@ impl Session {
                 .iter()
                 .find(|(k, _)| k == key)
                 .map(|(_, v)| v.clone())
-                .or_else(|| CHANNELS.iter().find_map(|c| w.vals[c.index()].get(key).cloned()))
+                .or_else(|| {
+                    CHANNELS
+                        .iter()
+                        .find_map(|c| w.vals[c.index()].get(key).cloned())
+                })
             {
                 // Set earlier in this response, or still in a cookie from
                 // before a policy change: the value is known here.
@@ -283,7 +287,9 @@ impl Session {
                 let e = &mut w.ops[hi];
                 match e.incr.iter_mut().find(|(k, _)| k == key) {
                     Some(x) => {
-                        x.1 = x.1.checked_add(*n).ok_or_else(|| crate::store::overflow(key))?
+                        x.1 =
+                            x.1.checked_add(*n)
+                                .ok_or_else(|| crate::store::overflow(key))?
                     }
                     None => e.incr.push((key.clone(), *n)),
                 }
@@ -340,7 +346,16 @@ impl Session {
             m.touched = cx.now;
         }
         let meta = *m;
-        let mut outcome = self.finish(cx, out, Some(meta), clear, w, batch_destroy, rename_from, touch)?;
+        let mut outcome = self.finish(
+            cx,
+            out,
+            Some(meta),
+            clear,
+            w,
+            batch_destroy,
+            rename_from,
+            touch,
+        )?;
         if let Some(b) = &mut outcome.batch {
             b.limits = limits;
         }
@@ -436,7 +451,9 @@ impl Session {
             if !store_ok {
                 continue;
             }
-            let Some(stored) = w.stored[i].clone() else { continue };
+            let Some(stored) = w.stored[i].clone() else {
+                continue;
+            };
             for (k, v) in stored {
                 if w.written.contains(&k) {
                     continue;
@@ -493,7 +510,11 @@ impl Session {
                         ),
                     ));
                 }
-                let Some((k, _)) = w.vals[i].iter().max_by_key(|(_, v)| v.len()).map(|(k, v)| (k.clone(), v.len())) else {
+                let Some((k, _)) = w.vals[i]
+                    .iter()
+                    .max_by_key(|(_, v)| v.len())
+                    .map(|(k, v)| (k.clone(), v.len()))
+                else {
                     break;
                 };
                 let v = w.vals[i].remove(&k).expect("present");
@@ -506,7 +527,11 @@ impl Session {
 
     /// Check `limits.keys` / `limits.session_bytes` over what is known, and
     /// hand the store a check for what only it knows.
-    fn check_limits(&self, w: &Work, cx: &WriteContext) -> Result<Option<LimitCheck>, DirectiveError> {
+    fn check_limits(
+        &self,
+        w: &Work,
+        cx: &WriteContext,
+    ) -> Result<Option<LimitCheck>, DirectiveError> {
         let l = cx.settings.limits;
         let client_keys: usize = w.vals.iter().map(|m| m.len()).sum();
         let client_bytes: usize = w
@@ -551,12 +576,15 @@ impl Session {
         let s = cx.settings;
         out.meta = meta;
         if let Some(m) = meta {
-            let content = |w: &Work, i: usize| !w.vals[i].is_empty() || w.flags[i] & FLAG_STORE != 0;
+            let content =
+                |w: &Work, i: usize| !w.vals[i].is_empty() || w.flags[i] & FLAG_STORE != 0;
             for ch in CHANNELS {
                 let i = ch.index();
                 let exists = w.present[i] || content(&w, i);
                 let changed = w.dirty[i] || touch || self.reissue || out.created || out.regenerated;
-                if !exists || !(changed || !w.present[i]) {
+                // Nothing to send: no cookie for the channel, or it exists and
+                // did not change.
+                if !exists || (w.present[i] && !changed) {
                     if clear[i] {
                         out.set_cookies.push(cx.spec.clear_line(ch, cx.https));
                     }
@@ -577,7 +605,10 @@ impl Session {
                 if line.len() > MAX_SET_COOKIE {
                     return Err(err(
                         "cookie_too_large",
-                        format!("the Set-Cookie line for `{}` would exceed 4096 bytes", cx.spec.name(ch)),
+                        format!(
+                            "the Set-Cookie line for `{}` would exceed 4096 bytes",
+                            cx.spec.name(ch)
+                        ),
                     ));
                 }
                 out.set_cookies.push(line);
@@ -592,12 +623,20 @@ impl Session {
 
         let store_touch = touch && w.flags.iter().any(|f| f & FLAG_STORE != 0);
         let has_ops = w.ops.iter().any(|o| !o.is_empty());
-        if let Some(m) = meta.filter(|_| has_ops || rename_from.is_some() || batch_destroy.is_some() || store_touch) {
+        if let Some(m) = meta
+            .filter(|_| has_ops || rename_from.is_some() || batch_destroy.is_some() || store_touch)
+        {
             let expire_at = match s.idle_timeout {
                 Some(idle) => m.expires.min(m.touched.saturating_add(idle)),
                 None => m.expires,
             };
-            let mut b = WriteBatch::new(StoreKey { id: m.id, tag: m.tag }, expire_at);
+            let mut b = WriteBatch::new(
+                StoreKey {
+                    id: m.id,
+                    tag: m.tag,
+                },
+                expire_at,
+            );
             b.destroy = batch_destroy;
             b.rename_from = rename_from;
             b.channels = w.ops;
@@ -614,9 +653,12 @@ impl Session {
 fn add(current: Option<String>, key: &str, n: i64) -> Result<i64, DirectiveError> {
     let cur = match current {
         None => 0,
-        Some(v) => crate::directives::parse_i64(&v).ok_or_else(|| crate::store::not_integer(key))?,
+        Some(v) => {
+            crate::directives::parse_i64(&v).ok_or_else(|| crate::store::not_integer(key))?
+        }
     };
-    cur.checked_add(n).ok_or_else(|| crate::store::overflow(key))
+    cur.checked_add(n)
+        .ok_or_else(|| crate::store::overflow(key))
 }
 
 fn check_policy(
@@ -641,7 +683,9 @@ fn check_policy(
     if !p.clientside && degraded {
         return Err(err(
             "store_unavailable",
-            format!("X-Session-{what}: `{k}` is a server-side key and the session store is unavailable"),
+            format!(
+                "X-Session-{what}: `{k}` is a server-side key and the session store is unavailable"
+            ),
         ));
     }
     Ok(())

@@ -50,7 +50,8 @@ impl EmbeddedStore {
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("cannot create directory {}: {e}", dir.display()))?;
         }
-        let db = Database::create(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let db =
+            Database::create(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         // Create the tables up front so readers never see them missing.
         let init = || -> Result<(), redb::Error> {
             let txn = db.begin_write()?;
@@ -162,7 +163,11 @@ fn delete_session(
 /// Apply one batch inside the writer's transaction. The outer `Result` is a
 /// storage failure (aborts the group); the inner one a rejection of this
 /// batch alone (nothing of it was written).
-fn apply(txn: &redb::WriteTransaction, b: &WriteBatch, now: u64) -> Result<Result<(), StoreError>, redb::Error> {
+fn apply(
+    txn: &redb::WriteTransaction,
+    b: &WriteBatch,
+    now: u64,
+) -> Result<Result<(), StoreError>, redb::Error> {
     let mut data = txn.open_table(DATA)?;
     let mut session = txn.open_table(SESSION)?;
     let mut expiry = txn.open_table(EXPIRY)?;

@@ -125,7 +125,11 @@ impl StoreError {
 pub trait SessionStore: Send + Sync {
     /// Read the channels in `mask` ([`crate::session::Channel::bit`]) in one
     /// round trip.
-    fn load(&self, key: &StoreKey, mask: u8) -> impl Future<Output = Result<Loaded, StoreError>> + Send;
+    fn load(
+        &self,
+        key: &StoreKey,
+        mask: u8,
+    ) -> impl Future<Output = Result<Loaded, StoreError>> + Send;
     /// Apply a batch atomically in one round trip.
     fn write(&self, batch: &WriteBatch) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Is the store reachable? (`/readyz`, `gimlet check --connect`)
@@ -223,7 +227,10 @@ impl Record {
         if keys > l.max_keys {
             return Err(DirectiveError::new(
                 "too_many_keys",
-                format!("the session would hold {keys} keys, more than limits.keys ({})", l.max_keys),
+                format!(
+                    "the session would hold {keys} keys, more than limits.keys ({})",
+                    l.max_keys
+                ),
             ));
         }
         if bytes > l.max_bytes {

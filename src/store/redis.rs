@@ -16,12 +16,18 @@ impl RedisStore {
 
 impl SessionStore for RedisStore {
     async fn load(&self, _key: &StoreKey, _mask: u8) -> Result<Loaded, StoreError> {
-        Err(StoreError::Unavailable("redis store not implemented".into()))
+        Err(StoreError::Unavailable(
+            "redis store not implemented".into(),
+        ))
     }
     async fn write(&self, _batch: &WriteBatch) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable("redis store not implemented".into()))
+        Err(StoreError::Unavailable(
+            "redis store not implemented".into(),
+        ))
     }
     async fn ping(&self) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable("redis store not implemented".into()))
+        Err(StoreError::Unavailable(
+            "redis store not implemented".into(),
+        ))
     }
 }

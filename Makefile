@@ -1,0 +1,33 @@
+# Two commands a fresh machine needs (see README "Quick start"):
+#   make demo   run the gateway on the embedded store in front of the demo app
+#   make test   run every test (unit, integration, Redis; real processes)
+# Both install what a fresh Debian machine lacks first (cmake for pingora,
+# redis-server and redis-tools for the Redis tests).
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test deps bench check
+
+deps:
+	@missing=""; \
+	command -v cmake >/dev/null || missing="$$missing cmake"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v redis-cli >/dev/null || missing="$$missing redis-tools"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+demo: deps
+	cargo run -- demo
+
+test: deps
+	cargo test
+
+bench: deps
+	bench/run
+
+check:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings

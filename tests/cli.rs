@@ -1,0 +1,233 @@
+//! The command line: check, keygen, help, startup errors, shipped configs.
+
+mod common;
+use common::*;
+use std::process::Command;
+
+fn gimlet(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin()).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.to_string_lossy().into_owned()
+}
+
+#[test]
+fn keygen_prints_a_usable_secret() {
+    let (code, out, _) = gimlet(&["keygen"]);
+    assert_eq!(code, 0);
+    let s = out.trim();
+    assert!(s.len() >= 32, "{s}");
+    let (_, out2, _) = gimlet(&["keygen"]);
+    assert_ne!(s, out2.trim());
+}
+
+#[test]
+fn help_on_each_command() {
+    for args in [
+        &["--help"][..],
+        &["run", "--help"],
+        &["check", "--help"],
+        &["keygen", "--help"],
+        &["demo", "--help"],
+    ] {
+        let (code, out, _) = gimlet(args);
+        assert_eq!(code, 0, "{args:?}");
+        assert!(out.contains("Usage"), "{args:?}: {out}");
+    }
+}
+
+#[test]
+fn check_reports_field_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "session:\n  secrets: [\"short\"]\nroutes:\n  - name: a\n    upstreams: [127.0.0.1:1]\n",
+            "session.secrets[0]",
+            "line 2",
+        ),
+        (
+            &*format!("session:\n  secrets: [\"{SECRET}\"]\n  lifetime: forever\nroutes:\n  - name: a\n    upstreams: [127.0.0.1:1]\n"),
+            "session.lifetime: invalid duration",
+            "line 3",
+        ),
+        (
+            &*format!("session:\n  secrets: [\"{SECRET}\"]\nroutes:\n  - name: a\n    upstreams: [127.0.0.1:1]\n    sesion: {{}}\n"),
+            "unknown field `sesion`",
+            "line 6",
+        ),
+        (
+            &*format!("listen:\n  - addr: nowhere\nsession:\n  secrets: [\"{SECRET}\"]\nroutes:\n  - name: a\n    upstreams: [127.0.0.1:1]\n"),
+            "listen[0].addr: invalid address",
+            "line 2",
+        ),
+        (
+            &*format!("listen:\n  - addr: 127.0.0.1:8443\n    tls: {{ cert: nope.pem, key: nope.key }}\nsession:\n  secrets: [\"{SECRET}\"]\nroutes:\n  - name: a\n    upstreams: [127.0.0.1:1]\n"),
+            "listen[0].tls.cert: file not found",
+            "line 3",
+        ),
+        (
+            &*format!("session:\n  secrets: [\"{SECRET}\"]\n  cookie: {{ same_site: none }}\nroutes:\n  - name: a\n    upstreams: [127.0.0.1:1]\n"),
+            "session.cookie.same_site",
+            "line 3",
+        ),
+        (
+            &*format!("session:\n  secrets: [\"{SECRET}\"]\n  cookie: {{ secure: never }}\n  keys:\n    csrf: {{ secure: true }}\nroutes:\n  - name: a\n    upstreams: [127.0.0.1:1]\n"),
+            "secure: never contradicts the secure key `csrf`",
+            "line 3",
+        ),
+        ("session: [\n", "", "line"),
+    ];
+    for (i, (yaml, want, line)) in cases.iter().enumerate() {
+        let f = write(dir.path(), &format!("bad{i}.yaml"), yaml);
+        let (code, _, err) = gimlet(&["check", "-c", &f]);
+        assert_ne!(code, 0, "case {i} accepted");
+        assert!(err.contains(want), "case {i}: {err}");
+        assert!(err.contains(line), "case {i}: {err}");
+        // A bad config is a startup error too.
+        let (code, _, err) = gimlet(&["run", "-c", &f]);
+        assert_ne!(code, 0, "run accepted case {i}");
+        assert!(err.contains(want), "run case {i}: {err}");
+    }
+    let (code, _, err) = gimlet(&["check", "-c", "/nonexistent.yaml"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot read"), "{err}");
+}
+
+#[test]
+fn check_never_prints_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "c.yaml",
+        "session:\n  secrets: [\"my-secret-value-123\"]\nroutes:\n  - name: a\n    upstreams: [127.0.0.1:1]\n",
+    );
+    let (_, out, err) = gimlet(&["check", "-c", &f]);
+    assert!(
+        !out.contains("my-secret-value") && !err.contains("my-secret-value"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_connect_reaches_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "c.yaml",
+        &format!("session:\n  secrets: [\"{SECRET}\"]\nstore: {{ kind: embedded, path: s.redb }}\nroutes:\n  - name: a\n    upstreams: [127.0.0.1:1]\n"),
+    );
+    let (code, out, err) = gimlet(&["check", "-c", &f, "--connect"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("embedded store reachable"), "{out}");
+}
+
+/// Every config shipped in the repository passes `gimlet check`.
+#[test]
+fn shipped_configs_pass_check() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    for dir in ["config", "deploy", "examples"] {
+        collect_yaml(&root.join(dir), &mut files);
+    }
+    let configs: Vec<_> = files
+        .into_iter()
+        .filter(|f| {
+            let t = std::fs::read_to_string(f).unwrap();
+            t.contains("routes:") && t.contains("session:")
+        })
+        .collect();
+    assert!(!configs.is_empty());
+    for f in configs {
+        let out = Command::new(bin())
+            .args(["check", "-c"])
+            .arg(&f)
+            .env("GIMLET_SECRET", SECRET)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            f.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+fn collect_yaml(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            collect_yaml(&p, out);
+        } else if p.extension().is_some_and(|x| x == "yaml" || x == "yml") {
+            out.push(p);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn demo_serves_the_app_on_the_embedded_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = Command::new(bin())
+        .args(["demo", "--listen", &listen, "--data"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_port(listen.parse().unwrap());
+    let c = client();
+    let base = format!("http://{listen}");
+    let r = send(&c, c.get(format!("{base}/"))).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("Gimlet demo"));
+    let r = send(
+        &c,
+        c.post(format!("{base}/login"))
+            .body("name=Ada")
+            .header("content-type", "application/x-www-form-urlencoded"),
+    )
+    .await;
+    assert_eq!(r.status, 303);
+    let mut jar = Jar::default();
+    jar.update(&r);
+    assert!(jar.get("gimlet").is_some());
+    let r = send(
+        &c,
+        c.post(format!("{base}/count"))
+            .header("cookie", jar.header()),
+    )
+    .await;
+    jar.update(&r);
+    let r = send(
+        &c,
+        c.get(format!("{base}/account"))
+            .header("cookie", jar.header()),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("Ada"), "{}", r.body);
+    let r = send(&c, c.get(format!("{base}/")).header("cookie", jar.header())).await;
+    assert!(r.body.contains("<b>1</b>"), "counter: {}", r.body);
+    let r = send(&c, c.get(format!("{base}/account"))).await;
+    assert_eq!(r.status, 302);
+    assert!(dir.path().join("sessions.redb").exists());
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -1,0 +1,492 @@
+//! Test harness: the real `gimlet` binary on port 0 in front of a real HTTP
+//! upstream that echoes what it received and answers with the directives a
+//! test asks for.
+//!
+//! Upstream protocol (query parameters of the request path):
+//! - `h=Name:Value` (repeatable): add this response header, e.g.
+//!   `h=X-Session-Set:user%3Dalice` (percent-encode the parameter);
+//! - `status=N`: answer with status N;
+//! - `sleep_ms=N`: wait before answering.
+//!
+//! The body is JSON: `{"method": .., "path": .., "headers": [[name, value], ..]}`.
+#![allow(dead_code)]
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const SECRET: &str = "test-secret-0123456789abcdefghijklmnop";
+pub const SECRET2: &str = "test-secret-2-0123456789abcdefghijklmn";
+
+/// An echoing upstream on 127.0.0.1:0, served from its own thread.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Upstream {
+    pub fn start() -> Upstream {
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addr_tx.send(l.local_addr().unwrap()).unwrap();
+                let serve = async {
+                    loop {
+                        let (tcp, _) = match l.accept().await {
+                            Ok(c) => c,
+                            Err(_) => continue,
+                        };
+                        let h = h.clone();
+                        tokio::spawn(async move {
+                            let svc = hyper::service::service_fn(move |req| {
+                                h.fetch_add(1, Ordering::SeqCst);
+                                echo(req)
+                            });
+                            let _ = hyper::server::conn::http1::Builder::new()
+                                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                                .await;
+                        });
+                    }
+                };
+                tokio::select! {
+                    _ = serve => {}
+                    _ = stop_rx => {}
+                }
+            });
+        });
+        Upstream {
+            addr: addr_rx.recv().unwrap(),
+            hits,
+            _stop: stop_tx,
+        }
+    }
+}
+
+async fn echo(
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<Full<Bytes>>, std::convert::Infallible> {
+    let mut headers: Vec<(String, String)> = req
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    headers.sort();
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let _ = req.into_body().collect().await;
+    let mut resp = hyper::Response::builder();
+    let mut status = 200u16;
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        match k.as_ref() {
+            "h" => {
+                if let Some((n, val)) = v.split_once(':') {
+                    resp = resp.header(n.trim(), val.trim_start());
+                }
+            }
+            "status" => status = v.parse().unwrap(),
+            "sleep_ms" => tokio::time::sleep(Duration::from_millis(v.parse().unwrap())).await,
+            _ => {}
+        }
+    }
+    let body = serde_json::json!({ "method": method, "path": path, "headers": headers });
+    Ok(resp
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap())
+}
+
+/// A running `gimlet run` process with its config in a temp dir.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    child: Child,
+    pub stderr_log: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_gimlet")
+}
+
+impl Gateway {
+    /// Start with `yaml` (without `listen:`/`admin:`, which the harness adds)
+    /// in a fresh temp dir.
+    pub fn start(yaml: &str) -> Gateway {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut g = Gateway::start_in(&dir, yaml);
+        g._tmp = Some(tmp);
+        g
+    }
+
+    /// Start in `dir` (kept by the caller, e.g. across restarts).
+    pub fn start_in(dir: &Path, yaml: &str) -> Gateway {
+        let config = dir.join("gimlet.yaml");
+        let full = format!(
+            "listen:\n  - addr: 127.0.0.1:0\nadmin: {{ addr: 127.0.0.1:0 }}\nserver: {{ threads: 2, grace_period: 1s }}\n{yaml}"
+        );
+        std::fs::write(&config, full).unwrap();
+        Gateway::spawn(dir, &config)
+    }
+
+    /// Run the binary on an existing config file (with `listen` on port 0).
+    pub fn spawn(dir: &Path, config: &Path) -> Gateway {
+        let stderr_log = dir.join(format!("gimlet-{}.log", unique()));
+        let mut child = Command::new(bin())
+            .args(["run", "-c"])
+            .arg(config)
+            .env(
+                "RUST_LOG",
+                std::env::var("GIMLET_TEST_LOG").unwrap_or_else(|_| "gimlet=info,warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_log).unwrap())
+            .spawn()
+            .expect("gimlet binary runs");
+        let stdout = child.stdout.take().unwrap();
+        let mut reader = BufReader::new(stdout);
+        let mut addr = None;
+        let mut admin = None;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut line = String::new();
+        while addr.is_none()
+            || (admin.is_none() && std::fs::read_to_string(config).unwrap().contains("admin:"))
+        {
+            line.clear();
+            if reader.read_line(&mut line).unwrap() == 0 || std::time::Instant::now() > deadline {
+                let log = std::fs::read_to_string(&stderr_log).unwrap_or_default();
+                panic!("gimlet did not start: {log}");
+            }
+            if let Some(a) = line.trim().strip_prefix("gimlet listening on http://") {
+                addr = Some(a.parse().unwrap());
+            } else if let Some(a) = line.trim().strip_prefix("gimlet listening on https://") {
+                addr = Some(a.parse().unwrap());
+            } else if let Some(a) = line.trim().strip_prefix("gimlet admin on http://") {
+                admin = Some(a.parse().unwrap());
+            }
+        }
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while reader.read_line(&mut sink).unwrap_or(0) > 0 {
+                sink.clear();
+            }
+        });
+        let addr: SocketAddr = addr.unwrap();
+        wait_port(addr);
+        if let Some(a) = admin {
+            wait_port(a);
+        }
+        Gateway {
+            addr,
+            admin,
+            dir: dir.to_path_buf(),
+            config: config.to_path_buf(),
+            child,
+            stderr_log,
+            _tmp: None,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Wait for the process to exit; returns its status.
+    pub fn wait(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub async fn metrics(&self) -> String {
+        let a = self.admin.expect("admin listener");
+        reqwest::get(format!("http://{a}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The value of one metric sample, e.g. `gimlet_sessions_total{event="created"}`.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = self.metrics().await;
+        metric_value(&text, sample)
+    }
+}
+
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(sample)
+                .and_then(|rest| rest.trim().parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn unique() -> usize {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    N.fetch_add(1, Ordering::SeqCst)
+}
+
+pub fn wait_port(addr: SocketAddr) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(std::time::Instant::now() < deadline, "{addr} never opened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A config with one catch-all route to `up`; `session` is the YAML body of
+/// `session:` after `secrets`, `route` extra lines of the route's mapping.
+pub fn config(up: &Upstream, session: &str, store: &str, route: &str) -> String {
+    format!(
+        "session:\n  secrets: [\"{SECRET}\"]\n{session}store: {store}\nroutes:\n  - name: app\n    upstreams: [\"{}\"]\n{route}",
+        up.addr
+    )
+}
+
+/// A manual cookie jar: name -> value, updated from Set-Cookie lines.
+#[derive(Default, Clone, Debug)]
+pub struct Jar {
+    pub cookies: BTreeMap<String, String>,
+}
+
+impl Jar {
+    pub fn header(&self) -> String {
+        self.cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    pub fn update(&mut self, resp: &Resp) {
+        for line in &resp.set_cookies {
+            let first = line.split(';').next().unwrap();
+            let (name, value) = first.split_once('=').unwrap();
+            if line.contains("Max-Age=0") {
+                self.cookies.remove(name);
+            } else {
+                self.cookies.insert(name.to_string(), value.to_string());
+            }
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.cookies.get(name).map(|s| s.as_str())
+    }
+}
+
+/// A response, read fully.
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub set_cookies: Vec<String>,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|_| panic!("not JSON ({}): {}", self.status, self.body))
+    }
+
+    /// Headers the upstream received (lowercase names).
+    pub fn got(&self) -> Vec<(String, String)> {
+        self.json()["headers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p[0].as_str().unwrap().to_string(),
+                    p[1].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    pub fn got_header(&self, name: &str) -> Option<String> {
+        self.got()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v)
+    }
+
+    /// The upstream's decoded `X-Session` pairs.
+    pub fn session(&self) -> BTreeMap<String, String> {
+        self.got_header("x-session")
+            .map(|s| form_urlencoded::parse(s.as_bytes()).into_owned().collect())
+            .unwrap_or_default()
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(64)
+        .build()
+        .unwrap()
+}
+
+/// Path with directive headers for the upstream to send back.
+pub fn path_with(path: &str, headers: &[(&str, &str)]) -> String {
+    let mut s = form_urlencoded::Serializer::new(String::new());
+    for (n, v) in headers {
+        s.append_pair("h", &format!("{n}:{v}"));
+    }
+    let q = s.finish();
+    if q.is_empty() {
+        path.to_string()
+    } else if path.contains('?') {
+        format!("{path}&{q}")
+    } else {
+        format!("{path}?{q}")
+    }
+}
+
+pub async fn send(c: &reqwest::Client, req: reqwest::RequestBuilder) -> Resp {
+    let _ = c;
+    let r = req.send().await.expect("request");
+    let status = r.status().as_u16();
+    let headers: Vec<(String, String)> = r
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let set_cookies = headers
+        .iter()
+        .filter(|(n, _)| n == "set-cookie")
+        .map(|(_, v)| v.clone())
+        .collect();
+    let body = r.text().await.unwrap_or_default();
+    Resp {
+        status,
+        headers,
+        set_cookies,
+        body,
+    }
+}
+
+/// A browser-like session: a client and a jar.
+pub struct Browser {
+    pub c: reqwest::Client,
+    pub jar: Jar,
+    pub base: String,
+}
+
+impl Browser {
+    pub fn new(g: &Gateway) -> Browser {
+        Browser {
+            c: client(),
+            jar: Jar::default(),
+            base: format!("http://{}", g.addr),
+        }
+    }
+
+    /// GET `path`, the upstream answering with `directives`; cookies kept.
+    pub async fn get(&mut self, path: &str, directives: &[(&str, &str)]) -> Resp {
+        let url = format!("{}{}", self.base, path_with(path, directives));
+        let mut req = self.c.get(url);
+        if !self.jar.cookies.is_empty() {
+            req = req.header("cookie", self.jar.header());
+        }
+        let r = send(&self.c, req).await;
+        self.jar.update(&r);
+        r
+    }
+
+    /// Like `get` with extra request headers, without updating the jar.
+    pub async fn get_with(
+        &self,
+        path: &str,
+        directives: &[(&str, &str)],
+        headers: &[(&str, &str)],
+    ) -> Resp {
+        let url = format!("{}{}", self.base, path_with(path, directives));
+        let mut req = self.c.get(url);
+        if !self.jar.cookies.is_empty() {
+            req = req.header("cookie", self.jar.header());
+        }
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
+        send(&self.c, req).await
+    }
+}
