@@ -122,14 +122,17 @@ impl Work {
         self.dirty[ch] = true;
     }
 
-    /// Remove `key` from every place except its home.
+    /// Remove `key` from every other place it may be. A clientside write
+    /// leaves store copies alone (cookies are read first, so they are
+    /// shadowed), so that it never costs a store round trip; a Delete
+    /// removes those too.
     fn remove_elsewhere(&mut self, key: &str, home: Channel, clientside: bool) {
         for ch in CHANNELS {
             let i = ch.index();
             if !(clientside && ch == home) {
                 self.cookie_remove(i, key);
             }
-            if (clientside || ch != home) && self.store_may_hold(i, key) {
+            if !clientside && ch != home && self.store_may_hold(i, key) {
                 self.store_delete(i, key);
             }
         }
@@ -309,7 +312,9 @@ impl Session {
             }
             let m = Meta {
                 id: SessionId::random(),
-                tag: super::random_tag(),
+                // After Destroy, keep the tag: the store then deletes the
+                // old data and writes the new in one slot, atomically.
+                tag: batch_destroy.map_or_else(super::random_tag, |d| d.tag),
                 created: cx.now,
                 expires: cx.now.saturating_add(s.lifetime),
                 touched: cx.now,

@@ -1,33 +1,384 @@
-//! `store.kind: redis` (placeholder until the Redis issue lands).
+//! `store.kind: redis`: standalone Redis (`url`) or Redis Cluster (`cluster`).
+//!
+//! Data model: one hash per session channel,
+//! `<prefix>{<tag>}:<id>:<channel>` (channel `p`, `t`, `sp`, `st`). The
+//! `{tag}` is a random 32-bit hash tag chosen when the session is created and
+//! kept across Regenerate, so every key a request touches — the old id's and
+//! the new id's — lives in one Cluster slot, and one script can move them.
+//!
+//! I/O budget: a read is one round trip (pipelined `HGETALL`, one per channel
+//! the request needs). A write is one `EVALSHA` of [`WRITE_SCRIPT`]: it checks
+//! every Incr and the session limits first and only then applies the deletes,
+//! sets, increments, Regenerate move and TTL — all or nothing, atomically.
+//! (`MULTI`/`EXEC` cannot do this: a failing `HINCRBY` inside a transaction
+//! does not undo the commands around it.) A Destroy alone is one `DEL`.
+//!
+//! Connections are made lazily inside the proxy's runtime, reconnect on
+//! their own, and every call is bounded by `store.timeout` by the caller.
 
 use super::{Loaded, SessionStore, StoreError, StoreKey, WriteBatch};
 use crate::config::RedisConfig;
+use crate::directives::DirectiveError;
+use crate::session::{SessionId, CHANNELS};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
 use std::time::Duration;
+use tokio::sync::OnceCell;
+
+/// The atomic write. See the module docs; the argument layout is built by
+/// [`script_args`].
+pub const WRITE_SCRIPT: &str = r#"
+-- KEYS[1..4]: the session's channel hashes; KEYS[5..8]: the old id's
+-- (Regenerate source or Destroy target); KEYS[9]: scratch for exact Incr.
+-- ARGV[1]: flags ("d" destroy old, "r" move old to new); ARGV[2]: PEXPIREAT ms;
+-- ARGV[3..6]: max_keys, max_bytes, client_keys, client_bytes (max_keys -1: no check);
+-- ARGV[7..]: per channel: clear, n, deletes..., n, (key value)..., n, (key delta)...
+local destroy = string.find(ARGV[1], "d", 1, true) ~= nil
+local rename = string.find(ARGV[1], "r", 1, true) ~= nil
+local at = ARGV[2]
+local max_keys = tonumber(ARGV[3])
+local max_bytes = tonumber(ARGV[4])
+local pos = 7
+local ops = {}
+for c = 1, 4 do
+  local op = { clear = ARGV[pos] == "1", del = {}, set = {}, incr = {}, result = {} }
+  pos = pos + 1
+  local n = tonumber(ARGV[pos]); pos = pos + 1
+  for i = 1, n do op.del[i] = ARGV[pos]; pos = pos + 1 end
+  n = tonumber(ARGV[pos]); pos = pos + 1
+  for i = 1, n do op.set[i] = { ARGV[pos], ARGV[pos + 1] }; pos = pos + 2 end
+  n = tonumber(ARGV[pos]); pos = pos + 1
+  for i = 1, n do op.incr[i] = { ARGV[pos], ARGV[pos + 1] }; pos = pos + 2 end
+  ops[c] = op
+end
+local function src(c)
+  if rename then return KEYS[4 + c] end
+  return KEYS[c]
+end
+
+-- 1. Every Incr, computed exactly (64-bit, by Redis itself) before any write.
+for c = 1, 4 do
+  local op = ops[c]
+  if #op.incr > 0 then
+    local pending = {}
+    for _, kv in ipairs(op.set) do pending[kv[1]] = kv[2] end
+    local deleted = {}
+    for _, k in ipairs(op.del) do deleted[k] = true end
+    for _, kn in ipairs(op.incr) do
+      local k = kn[1]
+      local cur = op.result[k] or pending[k]
+      if cur == nil and not op.clear and not deleted[k] then
+        cur = redis.call("HGET", src(c), k)
+        if cur == false then cur = nil end
+      end
+      redis.call("SET", KEYS[9], cur or "0")
+      local r = redis.pcall("INCRBY", KEYS[9], kn[2])
+      local v = redis.call("GET", KEYS[9])
+      redis.call("DEL", KEYS[9])
+      if type(r) == "table" and r.err then
+        if string.find(r.err, "overflow", 1, true) then return { "overflow", k } end
+        return { "not_integer", k }
+      end
+      op.result[k] = v
+    end
+  end
+end
+
+-- 2. The session limits over the result.
+if max_keys >= 0 then
+  local keys = tonumber(ARGV[5])
+  local bytes = tonumber(ARGV[6])
+  for c = 1, 4 do
+    local op = ops[c]
+    local fields = {}
+    if not op.clear then
+      local h = src(c)
+      for _, f in ipairs(redis.call("HKEYS", h)) do fields[f] = redis.call("HSTRLEN", h, f) end
+    end
+    for _, k in ipairs(op.del) do fields[k] = nil end
+    for _, kv in ipairs(op.set) do fields[kv[1]] = string.len(kv[2]) end
+    for k, v in pairs(op.result) do fields[k] = string.len(v) end
+    for f, l in pairs(fields) do
+      keys = keys + 1
+      bytes = bytes + string.len(f) + l
+    end
+  end
+  if keys > max_keys then return { "too_many_keys", tostring(keys) } end
+  if bytes > max_bytes then return { "session_too_large", tostring(bytes) } end
+end
+
+-- 3. Apply.
+if destroy then redis.call("DEL", KEYS[5], KEYS[6], KEYS[7], KEYS[8]) end
+for c = 1, 4 do
+  local op = ops[c]
+  local k = KEYS[c]
+  if rename and redis.call("EXISTS", KEYS[4 + c]) == 1 then redis.call("RENAME", KEYS[4 + c], k) end
+  if op.clear then redis.call("DEL", k) end
+  if #op.del > 0 then redis.call("HDEL", k, unpack(op.del)) end
+  local args = {}
+  for _, kv in ipairs(op.set) do args[#args + 1] = kv[1]; args[#args + 1] = kv[2] end
+  for f, v in pairs(op.result) do args[#args + 1] = f; args[#args + 1] = v end
+  if #args > 0 then redis.call("HSET", k, unpack(args)) end
+  redis.call("PEXPIREAT", k, at)
+end
+return { "ok" }
+"#;
+
+static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(WRITE_SCRIPT));
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
 
 pub struct RedisStore {
-    _cfg: RedisConfig,
+    cfg: RedisConfig,
+    timeout: Duration,
+    conn: OnceCell<Conn>,
 }
 
 impl RedisStore {
-    pub fn new(cfg: RedisConfig, _timeout: Duration) -> Result<RedisStore, String> {
-        Ok(RedisStore { _cfg: cfg })
+    /// Validate the URLs now; connect on first use (inside a runtime).
+    pub fn new(cfg: RedisConfig, timeout: Duration) -> Result<RedisStore, String> {
+        for u in cfg.url.iter().chain(cfg.cluster.iter()) {
+            redis::Client::open(u.as_str())
+                .map_err(|e| format!("store: invalid Redis URL: {e}"))?;
+        }
+        Ok(RedisStore {
+            cfg,
+            timeout,
+            conn: OnceCell::new(),
+        })
+    }
+
+    async fn conn(&self) -> Result<Conn, StoreError> {
+        self.conn
+            .get_or_try_init(|| async {
+                if let Some(url) = &self.cfg.url {
+                    let client = redis::Client::open(url.as_str()).map_err(unavailable)?;
+                    let config = ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(self.timeout))
+                        .set_response_timeout(Some(self.timeout))
+                        .set_number_of_retries(2)
+                        .set_min_delay(Duration::from_millis(20))
+                        .set_max_delay(Duration::from_millis(500));
+                    ConnectionManager::new_lazy_with_config(client, config)
+                        .map(Conn::Single)
+                        .map_err(unavailable)
+                } else {
+                    let client = redis::cluster::ClusterClient::builder(self.cfg.cluster.clone())
+                        .connection_timeout(self.timeout)
+                        .response_timeout(self.timeout)
+                        .retries(3)
+                        .min_retry_wait(10)
+                        .max_retry_wait(200)
+                        .build()
+                        .map_err(unavailable)?;
+                    client
+                        .get_async_connection()
+                        .await
+                        .map(Conn::Cluster)
+                        .map_err(unavailable)
+                }
+            })
+            .await
+            .cloned()
+    }
+
+    fn key(&self, tag: u32, id: &SessionId, suffix: &str) -> String {
+        format!("{}{{{tag:08x}}}:{}:{suffix}", self.cfg.prefix, id.hex())
+    }
+
+    fn channel_keys(&self, tag: u32, id: &SessionId) -> [String; 4] {
+        CHANNELS.map(|ch| self.key(tag, id, ch.store_suffix()))
+    }
+
+    /// Every key name a session uses (tests and tools).
+    pub fn keys_of(&self, key: &StoreKey) -> [String; 4] {
+        self.channel_keys(key.tag, &key.id)
     }
 }
 
+fn unavailable(e: redis::RedisError) -> StoreError {
+    if e.is_timeout() {
+        StoreError::Timeout
+    } else {
+        StoreError::Unavailable(format!("redis: {e}"))
+    }
+}
+
+/// Run `$body` with `$c` bound to the concrete connection.
+macro_rules! with_conn {
+    ($conn:expr, $c:ident => $body:expr) => {
+        match $conn {
+            Conn::Single(mut $c) => $body,
+            Conn::Cluster(mut $c) => $body,
+        }
+    };
+}
+
+/// The script's ARGV for a batch (see the layout in [`WRITE_SCRIPT`]).
+fn script_args(b: &WriteBatch) -> Vec<String> {
+    let mut flags = String::new();
+    if b.destroy.is_some() {
+        flags.push('d');
+    }
+    if b.rename_from.is_some() {
+        flags.push('r');
+    }
+    let mut a = vec![flags, b.expire_at.to_string()];
+    match &b.limits {
+        Some(l) => a.extend([
+            l.max_keys.to_string(),
+            l.max_bytes.to_string(),
+            l.client_keys.to_string(),
+            l.client_bytes.to_string(),
+        ]),
+        None => a.extend(["-1", "-1", "0", "0"].map(String::from)),
+    }
+    for w in &b.channels {
+        a.push(if w.clear { "1" } else { "0" }.to_string());
+        a.push(w.delete.len().to_string());
+        a.extend(w.delete.iter().cloned());
+        a.push(w.set.len().to_string());
+        for (k, v) in &w.set {
+            a.push(k.clone());
+            a.push(v.clone());
+        }
+        a.push(w.incr.len().to_string());
+        for (k, n) in &w.incr {
+            a.push(k.clone());
+            a.push(n.to_string());
+        }
+    }
+    a
+}
+
 impl SessionStore for RedisStore {
-    async fn load(&self, _key: &StoreKey, _mask: u8) -> Result<Loaded, StoreError> {
-        Err(StoreError::Unavailable(
-            "redis store not implemented".into(),
-        ))
+    async fn load(&self, key: &StoreKey, mask: u8) -> Result<Loaded, StoreError> {
+        let conn = self.conn().await?;
+        let mut pipe = redis::pipe();
+        let mut read = Vec::new();
+        for ch in CHANNELS {
+            if mask & ch.bit() != 0 {
+                pipe.hgetall(self.key(key.tag, &key.id, ch.store_suffix()));
+                read.push(ch);
+            }
+        }
+        let maps: Vec<BTreeMap<String, String>> =
+            with_conn!(conn, c => pipe.query_async(&mut c).await).map_err(unavailable)?;
+        let mut out: Loaded = Default::default();
+        for (ch, m) in read.into_iter().zip(maps) {
+            out[ch.index()] = Some(m);
+        }
+        Ok(out)
     }
-    async fn write(&self, _batch: &WriteBatch) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable(
-            "redis store not implemented".into(),
-        ))
+
+    async fn write(&self, b: &WriteBatch) -> Result<(), StoreError> {
+        let conn = self.conn().await?;
+        if b.destroy_only() {
+            let keys = self.channel_keys(b.key.tag, &b.key.id);
+            return with_conn!(conn, c => redis::cmd("DEL").arg(&keys[..]).query_async::<()>(&mut c).await)
+                .map_err(unavailable);
+        }
+        // A Regenerate keeps the tag, and a session created by Destroy + Set
+        // inherits it, so the old keys and the new share one slot.
+        let old = b
+            .rename_from
+            .or(b.destroy.map(|d| d.id))
+            .unwrap_or(b.key.id);
+        debug_assert!(b.destroy.is_none_or(|d| d.tag == b.key.tag));
+        let mut inv = SCRIPT.prepare_invoke();
+        for k in self.channel_keys(b.key.tag, &b.key.id) {
+            inv.key(k);
+        }
+        for k in self.channel_keys(b.key.tag, &old) {
+            inv.key(k);
+        }
+        inv.key(format!("{}{{{:08x}}}:incr", self.cfg.prefix, b.key.tag));
+        for a in script_args(b) {
+            inv.arg(a);
+        }
+        let reply: Vec<String> =
+            with_conn!(conn, c => inv.invoke_async(&mut c).await).map_err(unavailable)?;
+        match reply.first().map(String::as_str) {
+            Some("ok") => Ok(()),
+            Some("not_integer") => Err(StoreError::Rejected(super::not_integer(&reply[1]))),
+            Some("overflow") => Err(StoreError::Rejected(super::overflow(&reply[1]))),
+            Some(reason @ ("too_many_keys" | "session_too_large")) => {
+                let (reason, what) = if reason == "too_many_keys" {
+                    ("too_many_keys", "more keys than limits.keys")
+                } else {
+                    ("session_too_large", "more bytes than limits.session_bytes")
+                };
+                Err(StoreError::Rejected(DirectiveError::new(
+                    reason,
+                    format!("the session would hold {what} ({})", reply[1]),
+                )))
+            }
+            other => Err(StoreError::Unavailable(format!(
+                "redis: unexpected script reply {other:?}"
+            ))),
+        }
     }
+
     async fn ping(&self) -> Result<(), StoreError> {
-        Err(StoreError::Unavailable(
-            "redis store not implemented".into(),
-        ))
+        let conn = self.conn().await?;
+        with_conn!(conn, c => redis::cmd("PING").query_async::<String>(&mut c).await)
+            .map(|_| ())
+            .map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ChannelWrite;
+
+    #[test]
+    fn key_layout_shares_one_hash_tag() {
+        let s = RedisStore::new(
+            RedisConfig {
+                url: Some("redis://127.0.0.1:1".into()),
+                cluster: vec![],
+                prefix: "gimlet:".into(),
+            },
+            Duration::from_millis(100),
+        )
+        .unwrap();
+        let id = SessionId([0xab; 16]);
+        let keys = s.channel_keys(0x1234, &id);
+        assert_eq!(
+            keys[0],
+            format!("gimlet:{{00001234}}:{}:p", "ab".repeat(16))
+        );
+        assert!(keys.iter().all(|k| k.contains("{00001234}")));
+    }
+
+    #[test]
+    fn script_argument_layout() {
+        let mut b = WriteBatch::new(
+            StoreKey {
+                id: SessionId([1; 16]),
+                tag: 1,
+            },
+            99,
+        );
+        b.channels[1] = ChannelWrite {
+            clear: true,
+            delete: vec!["x".into()],
+            set: vec![("a".into(), "1".into())],
+            incr: vec![("n".into(), -2)],
+        };
+        let a = script_args(&b);
+        assert_eq!(&a[..6], &["", "99", "-1", "-1", "0", "0"]);
+        assert_eq!(&a[6..10], &["0", "0", "0", "0"]);
+        assert_eq!(
+            &a[10..20],
+            &["1", "1", "x", "1", "a", "1", "1", "n", "-2", "0"]
+        );
     }
 }

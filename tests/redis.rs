@@ -1,0 +1,620 @@
+//! The Redis store against private redis-server processes (standalone and a
+//! three-master Cluster), started on free loopback ports by each test.
+
+mod common;
+use common::*;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+fn redis_yaml(up: &Upstream, store: &str, extra_session: &str) -> String {
+    format!(
+        "session:\n  secrets: [\"{SECRET}\"]\n  keys: {{ cart: {{ clientside: true }} }}\n{extra_session}store: {store}\nroutes:\n  - name: ro\n    match: {{ path_prefix: /ro }}\n    upstreams: [\"{a}\"]\n    session: {{ read: none, write: none }}\n  - name: cartonly\n    match: {{ path_prefix: /cart }}\n    upstreams: [\"{a}\"]\n    session: {{ read: [cart], write: [cart] }}\n  - name: app\n    upstreams: [\"{a}\"]\n",
+        a = up.addr
+    )
+}
+
+fn store_for(r: &RedisServer, extra: &str) -> String {
+    format!(
+        "{{ kind: redis, url: \"{}\", timeout: 200ms{extra} }}",
+        r.url()
+    )
+}
+
+fn total(stats: &BTreeMap<String, u64>) -> u64 {
+    stats.values().sum()
+}
+
+fn writes(stats: &BTreeMap<String, u64>) -> u64 {
+    [
+        "evalsha",
+        "eval",
+        "hset",
+        "hdel",
+        "hincrby",
+        "del",
+        "pexpireat",
+        "expire",
+        "exec",
+        "multi",
+        "rename",
+        "set",
+    ]
+    .iter()
+    .map(|c| stats.get(*c).copied().unwrap_or(0))
+    .sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn commands_per_request() {
+    let r = RedisServer::start();
+    let up = Upstream::start();
+    let g = Gateway::start(&redis_yaml(&up, &store_for(&r, ""), ""));
+    let mut b = Browser::new(&g);
+
+    // Warm the script cache so that one write is exactly one EVALSHA.
+    let mut warm = Browser::new(&g);
+    warm.get("/", &[("X-Session-Set", "w=1")]).await;
+
+    r.reset_stats();
+    b.get("/", &[]).await;
+    assert_eq!(
+        total(&r.commandstats()),
+        0,
+        "no cookie: {:?}",
+        r.commandstats()
+    );
+
+    // A cookie-only session: no store I/O in either direction.
+    b.get("/", &[("X-Session-Set", "cart=apple")]).await;
+    b.get("/", &[]).await;
+    b.get("/cart", &[("X-Session-Set", "cart=pear")]).await;
+    assert_eq!(
+        total(&r.commandstats()),
+        0,
+        "cookie-only: {:?}",
+        r.commandstats()
+    );
+
+    // The first server-side key: one write round trip, no read.
+    b.get("/", &[("X-Session-Set", "user=alice")]).await;
+    let s = r.commandstats();
+    assert_eq!(s.get("evalsha"), Some(&1), "{s:?}");
+    assert_eq!(s.get("hgetall"), None, "{s:?}");
+    r.reset_stats();
+
+    // A server-side read: one HGETALL, no write command.
+    let resp = b.get("/", &[]).await;
+    assert_eq!(resp.session()["user"], "alice");
+    let s = r.commandstats();
+    assert_eq!(s.get("hgetall"), Some(&1), "{s:?}");
+    assert_eq!(writes(&s), 0, "{s:?}");
+    r.reset_stats();
+
+    // read: none, and a route that reads clientside keys only: zero.
+    b.get("/ro", &[]).await;
+    b.get("/cart", &[]).await;
+    assert_eq!(total(&r.commandstats()), 0, "{:?}", r.commandstats());
+
+    // Directives: one read (the route reads all) and one EVALSHA.
+    b.get(
+        "/",
+        &[
+            ("X-Session-Set", "a=1&b=2"),
+            ("X-Session-Delete", "w"),
+            ("X-Session-Incr", "n=3"),
+        ],
+    )
+    .await;
+    let s = r.commandstats();
+    assert_eq!(s.get("evalsha"), Some(&1), "{s:?}");
+    assert_eq!(s.get("hgetall"), Some(&1), "{s:?}");
+    let s = b.get("/", &[]).await.session();
+    assert_eq!(
+        (s["a"].as_str(), s["b"].as_str(), s["n"].as_str()),
+        ("1", "2", "3")
+    );
+
+    // A write on a route that reads nothing from the store: the write only.
+    r.reset_stats();
+    b.get("/ro?x", &[]).await;
+    b.get("/cart", &[("X-Session-Set", "cart=fig")]).await;
+    assert_eq!(total(&r.commandstats()), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn parallel_sets_and_incr_across_two_gateways() {
+    let r = RedisServer::start();
+    let up = Upstream::start();
+    let g1 = Gateway::start(&redis_yaml(&up, &store_for(&r, ""), ""));
+    let g2 = Gateway::start(&redis_yaml(&up, &store_for(&r, ""), ""));
+    let mut b = Browser::new(&g1);
+    b.get("/", &[("X-Session-Set", "start=1")]).await;
+    let cookie = b.jar.header();
+    let c = client();
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let gw = if i % 2 == 0 { &g1 } else { &g2 };
+        let mut d = vec![("X-Session-Incr".to_string(), "hits=1".to_string())];
+        if i < 50 {
+            d.push(("X-Session-Set".to_string(), format!("k{i}={i}")));
+        }
+        let refs: Vec<(&str, &str)> = d.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        let url = format!("http://{}{}", gw.addr, path_with("/", &refs));
+        let (c, cookie) = (c.clone(), cookie.clone());
+        tasks.push(tokio::spawn(async move {
+            send(&c, c.get(url).header("cookie", cookie)).await
+        }));
+    }
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let s = b.get("/", &[]).await.session();
+    assert_eq!(s["hits"], "100");
+    for i in 0..50 {
+        assert_eq!(s.get(&format!("k{i}")), Some(&i.to_string()), "k{i} lost");
+    }
+    // The other gateway sees the same session.
+    b.base = format!("http://{}", g2.addr);
+    assert_eq!(b.get("/", &[]).await.session()["hits"], "100");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ttl_destroy_and_regenerate_leave_no_keys() {
+    let r = RedisServer::start();
+    let up = Upstream::start();
+    let g = Gateway::start(&redis_yaml(
+        &up,
+        &store_for(&r, ", prefix: \"t:\""),
+        "  lifetime: 1h\n",
+    ));
+    let mut b = Browser::new(&g);
+    b.get("/", &[("X-Session-Set", "user=alice&cart=x")]).await;
+    let id = b.get("/", &[]).await.got_header("x-session-id").unwrap();
+    let keys = r.keys("t:*");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(
+        keys[0].starts_with("t:{") && keys[0].ends_with(&format!(":{id}:p")),
+        "{keys:?}"
+    );
+    let ttl: i64 = r.cli(&["PTTL", &keys[0]]).trim().parse().unwrap();
+    assert!(ttl > 3_590_000 && ttl <= 3_600_000, "ttl {ttl}");
+
+    // Regenerate: data moves, nothing stays under the old id.
+    b.get("/", &[("X-Session-Regenerate", "1")]).await;
+    let new_id = b.get("/", &[]).await.got_header("x-session-id").unwrap();
+    assert_ne!(new_id, id);
+    let keys = r.keys("t:*");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(keys[0].contains(&new_id), "{keys:?}");
+    assert!(r.keys(&format!("*{id}*")).is_empty());
+    let ttl: i64 = r.cli(&["PTTL", &keys[0]]).trim().parse().unwrap();
+    assert!(ttl > 0 && ttl <= 3_600_000);
+    assert_eq!(b.get("/", &[]).await.session()["user"], "alice");
+
+    // Transient and permanent channels; Destroy removes every one.
+    b.get("/", &[("X-Session-Set", "more=1")]).await;
+    b.get("/", &[("X-Session-Destroy", "1")]).await;
+    assert!(r.keys("t:*").is_empty(), "{:?}", r.keys("t:*"));
+    // Destroy + Set: only the new session's keys remain.
+    b.get("/", &[("X-Session-Set", "user=bob")]).await;
+    let id2 = b.get("/", &[]).await.got_header("x-session-id").unwrap();
+    b.get(
+        "/",
+        &[("X-Session-Destroy", "1"), ("X-Session-Set", "user=carol")],
+    )
+    .await;
+    let id3 = b.get("/", &[]).await.got_header("x-session-id").unwrap();
+    assert!(r.keys(&format!("*{id2}*")).is_empty());
+    assert_eq!(r.keys("t:*").len(), 1);
+    assert!(r.keys("t:*")[0].contains(&id3));
+    assert_eq!(b.get("/", &[]).await.session()["user"], "carol");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn incr_errors_and_limits_are_atomic_in_redis() {
+    let r = RedisServer::start();
+    let up = Upstream::start();
+    let g = Gateway::start(&redis_yaml(
+        &up,
+        &store_for(&r, ""),
+        "  limits: { keys: 4 }\n",
+    ));
+    let mut b = Browser::new(&g);
+    b.get("/", &[("X-Session-Set", "word=hi&big=9223372036854775807")])
+        .await;
+    for (d, reason) in [("word=1", "not an integer"), ("big=1", "64-bit")] {
+        let resp = b
+            .get(
+                "/",
+                &[("X-Session-Set", "side=effect"), ("X-Session-Incr", d)],
+            )
+            .await;
+        assert_eq!(resp.status, 502, "{d}");
+        assert!(resp.body.contains(reason), "{}", resp.body);
+    }
+    let s = b.get("/", &[]).await.session();
+    assert_eq!(s.get("side"), None, "half-applied");
+    assert_eq!(s["big"], "9223372036854775807");
+    // Limits: 2 keys + 3 more > 4.
+    let resp = b.get("/", &[("X-Session-Set", "c=1&d=2&e=3")]).await;
+    assert_eq!(resp.status, 502);
+    assert!(resp.body.contains("limits.keys"), "{}", resp.body);
+    assert_eq!(
+        b.get("/", &[("X-Session-Set", "c=1&d=2")]).await.status,
+        200
+    );
+}
+
+/// Incr on a value only the store knows (the route reads nothing): the
+/// check happens inside the store's atomic write.
+#[tokio::test(flavor = "multi_thread")]
+async fn incr_check_without_a_read() {
+    let r = RedisServer::start();
+    let up = Upstream::start();
+    let yaml = format!(
+        "session:\n  secrets: [\"{SECRET}\"]\nstore: {}\nroutes:\n  - name: blind\n    match: {{ path_prefix: /blind }}\n    upstreams: [\"{a}\"]\n    session: {{ read: none }}\n  - name: app\n    upstreams: [\"{a}\"]\n",
+        store_for(&r, ""),
+        a = up.addr
+    );
+    let g = Gateway::start(&yaml);
+    let mut b = Browser::new(&g);
+    b.get("/", &[("X-Session-Set", "word=hi&n=5")]).await;
+    r.reset_stats();
+    assert_eq!(
+        b.get("/blind", &[("X-Session-Incr", "n=2")]).await.status,
+        200
+    );
+    let s = r.commandstats();
+    assert_eq!(s.get("hgetall"), None, "{s:?}");
+    assert_eq!(s.get("evalsha"), Some(&1), "{s:?}");
+    let resp = b.get("/blind", &[("X-Session-Incr", "word=1&n=1")]).await;
+    assert_eq!(resp.status, 502);
+    assert_eq!(b.get("/", &[]).await.session()["n"], "7");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_down_fail_mode_then_back() {
+    let mut r = RedisServer::start();
+    let up = Upstream::start();
+    let g = Gateway::start(&redis_yaml(&up, &store_for(&r, ""), ""));
+    let mut b = Browser::new(&g);
+    b.get("/", &[("X-Session-Set", "user=alice&cart=pear")])
+        .await;
+    assert_eq!(b.get("/", &[]).await.session()["user"], "alice");
+    let hits = up.hits.load(std::sync::atomic::Ordering::SeqCst);
+
+    r.kill();
+    for _ in 0..5 {
+        let t = Instant::now();
+        let resp = b.get("/", &[]).await;
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "took {:?}",
+            t.elapsed()
+        );
+        assert_eq!(resp.status, 503, "{}", resp.body);
+        assert_eq!(resp.header("retry-after"), Some("1"));
+    }
+    assert_eq!(
+        up.hits.load(std::sync::atomic::Ordering::SeqCst),
+        hits,
+        "the upstream was called"
+    );
+    // A write that fails after the upstream answered: 503, no Set-Cookie.
+    let mut fresh = Browser::new(&g);
+    let resp = fresh.get("/", &[("X-Session-Set", "user=bob")]).await;
+    assert_eq!(resp.status, 503);
+    assert!(resp.set_cookies.is_empty());
+    // Requests that need no store still work.
+    assert_eq!(b.get("/ro", &[]).await.status, 200);
+    assert_eq!(b.get("/cart", &[]).await.session()["cart"], "pear");
+    let m = g.metrics().await;
+    assert!(
+        metric_value(
+            &m,
+            "gimlet_store_operations_total{op=\"read\",result=\"error\"}"
+        ) + metric_value(
+            &m,
+            "gimlet_store_operations_total{op=\"read\",result=\"timeout\"}"
+        ) >= 5.0,
+        "{m}"
+    );
+
+    // Back on the same port (empty: it keeps nothing): works again.
+    r.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = b.get("/", &[("X-Session-Set", "user=carol")]).await;
+        if resp.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never recovered: {}",
+            resp.status
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(b.get("/", &[]).await.session()["user"], "carol");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_down_degrade_mode() {
+    let mut r = RedisServer::start();
+    let up = Upstream::start();
+    let g = Gateway::start(&redis_yaml(&up, &store_for(&r, ", on_error: degrade"), ""));
+    let mut b = Browser::new(&g);
+    b.get("/", &[("X-Session-Set", "user=alice&cart=pear")])
+        .await;
+    r.kill();
+    let t = Instant::now();
+    let resp = b.get("/", &[]).await;
+    assert!(t.elapsed() < Duration::from_millis(1500));
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    assert_eq!(resp.got_header("x-session-degraded").as_deref(), Some("1"));
+    let s = resp.session();
+    assert_eq!(s.get("cart").map(String::as_str), Some("pear"));
+    assert_eq!(s.get("user"), None);
+    // Server-side writes are refused; clientside ones still work.
+    let resp = b.get("/", &[("X-Session-Set", "user=mallory")]).await;
+    assert_eq!(resp.status, 502);
+    assert!(resp.body.contains("unavailable"), "{}", resp.body);
+    assert_eq!(
+        b.get("/", &[("X-Session-Set", "cart=fig")]).await.status,
+        200
+    );
+    r.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b
+        .get("/", &[])
+        .await
+        .got_header("x-session-degraded")
+        .is_some()
+    {
+        assert!(Instant::now() < deadline, "still degraded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(b.get("/", &[]).await.session()["cart"], "fig");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_follows_redis() {
+    let mut r = RedisServer::start();
+    let up = Upstream::start();
+    let g = Gateway::start(&redis_yaml(&up, &store_for(&r, ""), ""));
+    let admin = g.admin.unwrap();
+    let c = client();
+    let ready = || async {
+        send(&c, c.get(format!("http://{admin}/readyz")))
+            .await
+            .status
+    };
+    assert_eq!(ready().await, 200);
+    r.kill();
+    assert_eq!(ready().await, 503);
+    assert_eq!(
+        send(&c, c.get(format!("http://{admin}/healthz")))
+            .await
+            .status,
+        200
+    );
+    r.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ready().await != 200 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Three masters with `--cluster-enabled yes`, joined by redis-cli.
+struct Cluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for n in &nodes {
+            while !n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+                assert!(Instant::now() < deadline, "cluster never became ok");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Cluster { nodes }
+    }
+
+    fn store(&self) -> String {
+        let urls: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("\"{}\"", n.url()))
+            .collect();
+        format!(
+            "{{ kind: redis, cluster: [{}], timeout: 500ms }}",
+            urls.join(", ")
+        )
+    }
+
+    /// (node id, port, slot count) of the master holding `slot`.
+    fn owner(&self, slot: u16) -> (String, u16, usize) {
+        let nodes = self.nodes[0].cli(&["CLUSTER", "NODES"]);
+        for line in nodes.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if !f[2].contains("master") {
+                continue;
+            }
+            let mut count = 0;
+            let mut owns = false;
+            for range in &f[8..] {
+                let (a, b) = match range.split_once('-') {
+                    Some((a, b)) => (a.parse::<u16>().unwrap(), b.parse::<u16>().unwrap()),
+                    None => match range.parse::<u16>() {
+                        Ok(s) => (s, s),
+                        Err(_) => continue,
+                    },
+                };
+                count += (b - a + 1) as usize;
+                owns |= (a..=b).contains(&slot);
+            }
+            if owns {
+                let port = f[1]
+                    .split('@')
+                    .next()
+                    .unwrap()
+                    .rsplit(':')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                return (f[0].to_string(), port, count);
+            }
+        }
+        panic!("no owner for slot {slot}: {nodes}");
+    }
+
+    fn other_master(&self, not: &str) -> String {
+        let nodes = self.nodes[0].cli(&["CLUSTER", "NODES"]);
+        nodes
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f[2].contains("master") && f[0] != not)
+            .map(|f| f[0].to_string())
+            .unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_cluster_shared_session_and_reshard() {
+    let cluster = Cluster::start();
+    let up = Upstream::start();
+    let g1 = Gateway::start(&redis_yaml(&up, &cluster.store(), ""));
+    let g2 = Gateway::start(&redis_yaml(&up, &cluster.store(), ""));
+    let mut b = Browser::new(&g1);
+    b.get(
+        "/",
+        &[("X-Session-Set", "user=alice"), ("X-Session-Incr", "n=1")],
+    )
+    .await;
+    let id = b.get("/", &[]).await.got_header("x-session-id").unwrap();
+
+    // Two gateways serve one session interchangeably.
+    for i in 0..6 {
+        b.base = format!("http://{}", if i % 2 == 0 { g2.addr } else { g1.addr });
+        let resp = b.get("/", &[("X-Session-Incr", "n=1")]).await;
+        assert_eq!(resp.status, 200, "{}", resp.body);
+    }
+    assert_eq!(b.get("/", &[]).await.session()["n"], "7");
+
+    // Find the session's slot and move it (with every other slot of its
+    // master) to another master while requests keep flowing.
+    let key = cluster.nodes[0]
+        .cli(&[
+            "--cluster",
+            "call",
+            &format!("127.0.0.1:{}", cluster.nodes[0].port),
+            "KEYS",
+            &format!("*{id}*"),
+        ])
+        .lines()
+        .find_map(|l| {
+            l.split(": ")
+                .nth(1)
+                .filter(|k| k.contains(&id))
+                .map(str::to_string)
+        })
+        .expect("session key in the cluster");
+    let slot: u16 = cluster.nodes[0]
+        .cli(&["CLUSTER", "KEYSLOT", &key])
+        .trim()
+        .parse()
+        .unwrap();
+    let (from, from_port, count) = cluster.owner(slot);
+    let to = cluster.other_master(&from);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let (jar, addrs) = (b.jar.clone(), [g1.addr, g2.addr]);
+    let load = tokio::spawn(async move {
+        let mut b = Browser::new_at(addrs[0]);
+        b.jar = jar;
+        let mut ok = 0;
+        let mut i = 0;
+        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+            b.base = format!("http://{}", addrs[i % 2]);
+            i += 1;
+            let resp = b.get("/", &[("X-Session-Incr", "n=1")]).await;
+            assert_eq!(resp.status, 200, "during reshard: {}", resp.body);
+            assert_eq!(b.get("/", &[]).await.session()["user"], "alice");
+            ok += 1;
+        }
+        ok
+    });
+    let from2 = from.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let from = from2;
+        std::process::Command::new("redis-cli")
+            .args([
+                "--cluster",
+                "reshard",
+                &format!("127.0.0.1:{from_port}"),
+                "--cluster-from",
+                &from,
+                "--cluster-to",
+                &to,
+                "--cluster-slots",
+                &count.to_string(),
+                "--cluster-yes",
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let ok = load.await.unwrap();
+    assert!(ok > 0);
+    assert_ne!(cluster.owner(slot).0, from, "the slot did not move");
+    let s = b.get("/", &[]).await.session();
+    assert_eq!(
+        s["n"],
+        (7 + ok).to_string(),
+        "increments lost during the reshard"
+    );
+    assert_eq!(
+        b.get("/", &[("X-Session-Regenerate", "1")]).await.status,
+        200
+    );
+    assert_eq!(b.get("/", &[]).await.session()["user"], "alice");
+}
