@@ -842,7 +842,7 @@ fn build(raw: RawConfig, file: &Path, base: &Path, e: &mut Errors) -> Config {
     };
 
     let store = build_store(&raw.store, base, e);
-    let session = build_session(&raw.session, &store, e);
+    let session = build_session(&raw.session, &store, base, e);
 
     let server = ServerConfig {
         threads: match raw.server.threads {
@@ -973,7 +973,12 @@ fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreConfig {
     }
 }
 
-fn build_session(raw: &RawSession, store: &StoreConfig, e: &mut Errors) -> SessionConfig {
+fn build_session(
+    raw: &RawSession,
+    store: &StoreConfig,
+    base: &Path,
+    e: &mut Errors,
+) -> SessionConfig {
     let mut secrets = Vec::new();
     if raw.secrets.is_empty() {
         e.add(
@@ -985,7 +990,7 @@ fn build_session(raw: &RawSession, store: &StoreConfig, e: &mut Errors) -> Sessi
         let field = format!("session.secrets[{i}]");
         let s = e.text(&field, s);
         let value = match s.strip_prefix("file:") {
-            Some(path) => match std::fs::read_to_string(path.trim()) {
+            Some(path) => match std::fs::read_to_string(resolve(base, path.trim())) {
                 Ok(v) => {
                     let v = v.strip_suffix('\n').unwrap_or(&v);
                     v.strip_suffix('\r').unwrap_or(v).to_string()
@@ -1459,6 +1464,10 @@ mod tests {
             vec![SECRET.to_string(), format!("{SECRET}-from-file")]
         );
         assert_eq!(c.routes[0].upstreams, vec!["127.0.0.1:9"]);
+        // A relative `file:` path is read next to the config file.
+        let y = "session:\n  secrets: [\"file:s\"]\nroutes:\n  - name: a\n    upstreams: [a:1]\n";
+        let c = Config::parse(y, &dir.path().join("gimlet.yaml")).unwrap();
+        assert_eq!(c.session.secrets, vec![format!("{SECRET}-from-file")]);
         let y = "session:\n  secrets: [\"${GIMLET_TEST_UNSET_VAR}\"]\nroutes: []\n";
         let e = parse(y).unwrap_err().to_string();
         assert!(e.contains("GIMLET_TEST_UNSET_VAR` is not set"), "{e}");

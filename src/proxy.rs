@@ -53,6 +53,28 @@ pub struct Shared {
     /// `None` when `store.kind: none`. A reload keeps the store.
     pub store: Option<Store>,
     pub metrics: Metrics,
+    /// Requests in flight (a graceful shutdown exits when this reaches 0).
+    pub inflight: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a request in flight for as long as its context lives.
+pub struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn new(shared: &Arc<Shared>) -> InFlight {
+        shared
+            .inflight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlight(shared.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .inflight
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 pub struct Gateway {
@@ -80,6 +102,7 @@ pub struct Ctx {
     store_round_trips: u32,
     applied: u32,
     answer: Option<LocalAnswer>,
+    _inflight: InFlight,
 }
 
 impl Ctx {
@@ -201,6 +224,7 @@ impl ProxyHttp for Gateway {
             store_round_trips: 0,
             applied: 0,
             answer: None,
+            _inflight: InFlight::new(&self.shared),
         }
     }
 
@@ -288,14 +312,13 @@ impl ProxyHttp for Gateway {
         if !route.cfg.require.is_empty()
             && !ctx.session.has_all(settings, &route.cfg.require, ctx.https)
         {
-            let mut extra = Vec::new();
             // Rejected cookies are cleared even on a gate answer.
-            if let Ok(o) = ctx
-                .session
-                .apply(&Directives::default(), &self.write_context(ctx, route))
-            {
-                extra.extend(o.set_cookies.into_iter().map(|c| ("set-cookie", c)));
-            }
+            let spec = &cfg.session.cookie;
+            let mut extra: Vec<(&'static str, String)> = crate::session::CHANNELS
+                .into_iter()
+                .filter(|ch| ctx.session.clear[ch.index()])
+                .map(|ch| ("set-cookie", spec.clear_line(ch, ctx.https)))
+                .collect();
             match &route.cfg.on_missing {
                 OnMissing::Redirect(target) => {
                     let pq = session
@@ -625,6 +648,23 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    /// pingora's error lines carry this; keep the query string (tokens,
+    /// session-ish parameters) out of logs.
+    fn request_summary(&self, session: &Session_, ctx: &Ctx) -> String {
+        let req = session.req_header();
+        format!(
+            "{} {} (route {})",
+            req.method,
+            req.uri.path(),
+            ctx.route_name()
+        )
+    }
+
+    /// Our own 502/503 answers are logged by us, with their reason.
+    fn suppress_error_log(&self, _session: &Session_, ctx: &Ctx, _error: &Error) -> bool {
+        ctx.answer.is_some()
+    }
+
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,
@@ -650,7 +690,7 @@ impl ProxyHttp for Gateway {
         // pingora drops the client connection after a failure past this
         // point; say so, so a client does not reuse it.
         session.set_keepalive(None);
-        if let Some(a) = ctx.answer.take() {
+        if let Some(a) = &ctx.answer {
             let extra: Vec<(&'static str, String)> = if a.retry_after {
                 vec![("retry-after", "1".to_string())]
             } else {

@@ -13,11 +13,12 @@ use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
 use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::ServerConf;
-use pingora::server::{RunArgs, Server, ShutdownWatch};
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Open the configured store. Embedded opens its file now (a startup error
@@ -63,6 +64,7 @@ pub fn run(
         state: arc_swap::ArcSwap::from_pointee(state),
         store,
         metrics: Metrics::new(),
+        inflight: Default::default(),
     });
 
     let grace = config
@@ -140,6 +142,7 @@ pub fn run(
     for l in &lines {
         println!("{l}");
     }
+    println!("gimlet started (pid {})", std::process::id());
     use std::io::Write;
     let _ = std::io::stdout().flush();
     tracing::info!(
@@ -147,9 +150,56 @@ pub fn run(
         routes = config.routes.len(),
         "gimlet started"
     );
-    server.run(RunArgs::default());
+    server.run(RunArgs {
+        shutdown_signal: Box::new(Signals {
+            shared: shared.clone(),
+            grace: config.server.grace_period,
+        }),
+    });
     let _ = std::fs::remove_dir_all(&run_dir);
     Ok(())
+}
+
+/// SIGTERM (and SIGQUIT): stop accepting, let requests in flight finish, exit
+/// as soon as none is left or `server.grace_period` has passed. SIGINT: now.
+struct Signals {
+    shared: Arc<Shared>,
+    grace: std::time::Duration,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for Signals {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut quit = signal(SignalKind::quit()).expect("SIGQUIT handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = int.recv() => {
+                tracing::info!("SIGINT: stopping now");
+                return ShutdownSignal::FastShutdown;
+            }
+            _ = term.recv() => {}
+            _ = quit.recv() => {}
+        }
+        let in_flight = self.shared.inflight.load(Ordering::Acquire);
+        tracing::info!(in_flight, grace_period = ?self.grace, "SIGTERM: draining");
+        // pingora waits out the whole grace period; exit as soon as the
+        // last request in flight is done instead.
+        let shared = self.shared.clone();
+        let deadline = std::time::Instant::now() + self.grace;
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            while std::time::Instant::now() < deadline {
+                if shared.inflight.load(Ordering::Acquire) == 0 {
+                    tracing::info!("drained: exiting");
+                    std::process::exit(0);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        });
+        ShutdownSignal::GracefulTerminate
+    }
 }
 
 /// Reload on SIGHUP; sweep the memory store now and then.

@@ -126,6 +126,14 @@ fn check_connect_reaches_the_store() {
     );
     let (code, out, err) = gimlet(&["check", "-c", &f, "--connect"]);
     assert_eq!(code, 0, "{err}");
+    assert!(out.contains("will be created"), "{out}");
+    assert!(
+        !dir.path().join("s.redb").exists(),
+        "check created the store"
+    );
+    drop(redb::Database::create(dir.path().join("s.redb")).unwrap());
+    let (code, out, err) = gimlet(&["check", "-c", &f, "--connect"]);
+    assert_eq!(code, 0, "{err}");
     assert!(out.contains("embedded store reachable"), "{out}");
 }
 

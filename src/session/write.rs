@@ -76,12 +76,15 @@ struct Work {
     stored: [Option<BTreeMap<String, String>>; 4],
     /// Keys this response wrote (normalization leaves them alone).
     written: std::collections::HashSet<String>,
+    /// The store read failed (`on_error: degrade`): no store writes at all.
+    degraded: bool,
 }
 
 impl Work {
     /// Might the store hash of `ch` hold `key`?
     fn store_may_hold(&self, ch: usize, key: &str) -> bool {
-        self.flags[ch] & FLAG_STORE != 0
+        !self.degraded
+            && self.flags[ch] & FLAG_STORE != 0
             && self.stored[ch].as_ref().is_none_or(|m| m.contains_key(key))
     }
 
@@ -178,6 +181,7 @@ impl Session {
             ops: Default::default(),
             stored: self.stored.clone(),
             written: Default::default(),
+            degraded: self.degraded,
         };
         for ch in CHANNELS {
             if let Some(p) = &self.cookies[ch.index()] {
@@ -626,7 +630,7 @@ impl Session {
             }
         }
 
-        let store_touch = touch && w.flags.iter().any(|f| f & FLAG_STORE != 0);
+        let store_touch = touch && !self.degraded && w.flags.iter().any(|f| f & FLAG_STORE != 0);
         let has_ops = w.ops.iter().any(|o| !o.is_empty());
         if let Some(m) = meta
             .filter(|_| has_ops || rename_from.is_some() || batch_destroy.is_some() || store_touch)

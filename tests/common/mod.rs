@@ -121,7 +121,9 @@ async fn echo(
 
 /// A running `gimlet run` process with its config in a temp dir.
 pub struct Gateway {
+    /// The first plain-HTTP listener (or the first listener of any kind).
     pub addr: SocketAddr,
+    pub https: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub dir: PathBuf,
     pub config: PathBuf,
@@ -157,39 +159,51 @@ impl Gateway {
 
     /// Run the binary on an existing config file (with `listen` on port 0).
     pub fn spawn(dir: &Path, config: &Path) -> Gateway {
+        Gateway::spawn_with(dir, config, true)
+    }
+
+    /// `rust_log: false` leaves `RUST_LOG` unset, so `log:` in the file rules.
+    pub fn spawn_with(dir: &Path, config: &Path, rust_log: bool) -> Gateway {
         let stderr_log = dir.join(format!("gimlet-{}.log", unique()));
-        let mut child = Command::new(bin())
-            .args(["run", "-c"])
-            .arg(config)
-            .env(
+        let mut cmd = Command::new(bin());
+        cmd.args(["run", "-c"]).arg(config).env_remove("RUST_LOG");
+        if rust_log {
+            cmd.env(
                 "RUST_LOG",
                 std::env::var("GIMLET_TEST_LOG").unwrap_or_else(|_| "gimlet=info,warn".into()),
-            )
+            );
+        }
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_log).unwrap())
             .spawn()
             .expect("gimlet binary runs");
         let stdout = child.stdout.take().unwrap();
         let mut reader = BufReader::new(stdout);
-        let mut addr = None;
+        let mut addr: Option<SocketAddr> = None;
+        let mut https: Option<SocketAddr> = None;
         let mut admin = None;
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         let mut line = String::new();
-        while addr.is_none()
-            || (admin.is_none() && std::fs::read_to_string(config).unwrap().contains("admin:"))
-        {
+        loop {
             line.clear();
             if reader.read_line(&mut line).unwrap() == 0 || std::time::Instant::now() > deadline {
                 let log = std::fs::read_to_string(&stderr_log).unwrap_or_default();
                 panic!("gimlet did not start: {log}");
             }
-            if let Some(a) = line.trim().strip_prefix("gimlet listening on http://") {
-                addr = Some(a.parse().unwrap());
-            } else if let Some(a) = line.trim().strip_prefix("gimlet listening on https://") {
-                addr = Some(a.parse().unwrap());
-            } else if let Some(a) = line.trim().strip_prefix("gimlet admin on http://") {
+            let l = line.trim();
+            if let Some(a) = l.strip_prefix("gimlet listening on http://") {
+                addr = addr.or(Some(a.parse().unwrap()));
+            } else if let Some(a) = l.strip_prefix("gimlet listening on https://") {
+                https = https.or(Some(a.parse().unwrap()));
+            } else if let Some(a) = l.strip_prefix("gimlet admin on http://") {
                 admin = Some(a.parse().unwrap());
+            } else if l.starts_with("gimlet started") {
+                break;
             }
+        }
+        if let Some(a) = https {
+            wait_port(a);
         }
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || {
@@ -198,13 +212,14 @@ impl Gateway {
                 sink.clear();
             }
         });
-        let addr: SocketAddr = addr.unwrap();
+        let addr: SocketAddr = addr.or(https).unwrap();
         wait_port(addr);
         if let Some(a) = admin {
             wait_port(a);
         }
         Gateway {
             addr,
+            https,
             admin,
             dir: dir.to_path_buf(),
             config: config.to_path_buf(),
