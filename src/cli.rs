@@ -204,7 +204,7 @@ fn check(file: &std::path::Path, connect: bool) -> i32 {
             }
         };
         let result = rt.block_on(async {
-            if let crate::config::StoreKind::Embedded { path } = &c.store.kind {
+            if let crate::config::StoreKind::Embedded { path, .. } = &c.store.kind {
                 return check_embedded(path);
             }
             match crate::server::open_store(&c)? {

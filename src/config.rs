@@ -112,7 +112,11 @@ pub struct SessionConfig {
 pub enum StoreKind {
     None,
     Memory,
-    Embedded { path: PathBuf },
+    Embedded {
+        path: PathBuf,
+        /// Sessions kept in memory in front of the file (0: none).
+        cache: usize,
+    },
     Redis(RedisConfig),
 }
 
@@ -385,6 +389,7 @@ struct RawStore {
     url: Option<Str>,
     cluster: Option<Vec<Str>>,
     prefix: Option<Str>,
+    cache: Option<usize>,
     timeout: Option<Str>,
     on_error: Option<Str>,
 }
@@ -891,6 +896,7 @@ fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreConfig {
     };
     if kind_name != "embedded" {
         only(e, "path", raw.path.is_some(), "embedded");
+        only(e, "cache", raw.cache.is_some(), "embedded");
     }
     if kind_name != "redis" {
         only(e, "url", raw.url.is_some(), "redis");
@@ -904,6 +910,7 @@ fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreConfig {
             let p = e.opt_text("store.path", &raw.path);
             StoreKind::Embedded {
                 path: resolve(base, p.as_deref().unwrap_or("data/sessions.redb")),
+                cache: raw.cache.unwrap_or(10_000),
             }
         }
         _ => {
@@ -1404,7 +1411,8 @@ mod tests {
         assert_eq!(
             c.store.kind,
             StoreKind::Embedded {
-                path: "/etc/gimlet/data/sessions.redb".into()
+                path: "/etc/gimlet/data/sessions.redb".into(),
+                cache: 10_000
             }
         );
         assert_eq!(c.session.settings.lifetime, 7 * 86400 * 1000);

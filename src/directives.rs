@@ -65,6 +65,33 @@ pub fn is_session_header(normalized: &str) -> bool {
     normalized.starts_with("x-session")
 }
 
+fn fold(b: u8) -> u8 {
+    if b == b'_' {
+        b'-'
+    } else {
+        b.to_ascii_lowercase()
+    }
+}
+
+/// Does a raw header name, case-folded with `_` read as `-`, start with
+/// `x-session`? (No allocation: this runs for every header of every request.)
+pub fn in_session_namespace(name: &[u8]) -> bool {
+    name.len() >= 9
+        && name[..9]
+            .iter()
+            .zip(b"x-session")
+            .all(|(a, b)| fold(*a) == *b)
+}
+
+/// Is a raw header name equal to an already normalized one?
+pub fn same_name(name: &[u8], normalized: &str) -> bool {
+    name.len() == normalized.len()
+        && name
+            .iter()
+            .zip(normalized.bytes())
+            .all(|(a, b)| fold(*a) == b)
+}
+
 /// Parse every `X-Session*` header. `headers` yields (name, value) for each
 /// header line whose normalized name starts with `x-session`. `max_pairs`
 /// bounds the number of key operations in one response.
@@ -297,6 +324,23 @@ mod tests {
             assert_eq!(e.reason, *reason, "{n}: {v}");
         }
         assert!(p(&[("X-Session-Incr", "n=-9223372036854775808")]).is_ok());
+    }
+
+    #[test]
+    fn namespace_checks_fold_case_and_underscores() {
+        for n in [
+            "X-Session",
+            "x_session_id",
+            "X-SESSION-SET",
+            "x-Session_foo",
+        ] {
+            assert!(in_session_namespace(n.as_bytes()), "{n}");
+        }
+        for n in ["x-sessio", "x-ession", "accept", "xsession"] {
+            assert!(!in_session_namespace(n.as_bytes()), "{n}");
+        }
+        assert!(same_name(b"X_Remote_USER", "x-remote-user"));
+        assert!(!same_name(b"X-Remote-Users", "x-remote-user"));
     }
 
     #[test]

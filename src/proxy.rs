@@ -395,10 +395,13 @@ impl ProxyHttp for Gateway {
             .headers
             .keys()
             .filter(|name| {
-                let n = directives::normalized_name(name.as_str());
-                directives::is_session_header(&n)
-                    || n == "x-forwarded-proto"
-                    || route.mapped_names.contains(&n)
+                let n = name.as_str().as_bytes();
+                directives::in_session_namespace(n)
+                    || directives::same_name(n, "x-forwarded-proto")
+                    || route
+                        .mapped_names
+                        .iter()
+                        .any(|m| directives::same_name(n, m))
             })
             .cloned()
             .collect();
@@ -472,7 +475,7 @@ impl ProxyHttp for Gateway {
         let mut names: Vec<http::HeaderName> = Vec::new();
         let mut lines: Vec<(String, Vec<u8>)> = Vec::new();
         for (name, value) in resp.headers.iter() {
-            if directives::is_session_header(&directives::normalized_name(name.as_str())) {
+            if directives::in_session_namespace(name.as_str().as_bytes()) {
                 if !names.contains(name) {
                     names.push(name.clone());
                 }
@@ -664,6 +667,10 @@ impl ProxyHttp for Gateway {
     fn suppress_error_log(&self, _session: &Session_, ctx: &Ctx, _error: &Error) -> bool {
         ctx.answer.is_some()
     }
+
+    /// No downstream modules: the default adds a (disabled) compression
+    /// module that would still run on every request.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     fn error_while_proxy(
         &self,

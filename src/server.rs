@@ -27,8 +27,8 @@ pub fn open_store(config: &Config) -> Result<Option<Store>, String> {
     Ok(match &config.store.kind {
         StoreKind::None => None,
         StoreKind::Memory => Some(Store::Memory(MemoryStore::new())),
-        StoreKind::Embedded { path } => Some(Store::Embedded(
-            EmbeddedStore::open(path).map_err(|e| format!("store.path: {e}"))?,
+        StoreKind::Embedded { path, cache } => Some(Store::Embedded(
+            EmbeddedStore::open(path, *cache).map_err(|e| format!("store.path: {e}"))?,
         )),
         StoreKind::Redis(r) => Some(Store::Redis(RedisStore::new(
             r.clone(),
@@ -80,6 +80,7 @@ pub fn run(
         threads: config.server.threads,
         grace_period_seconds: Some(grace),
         graceful_shutdown_timeout_seconds: Some(1),
+        work_stealing: std::env::var("GIMLET_WORK_STEALING").map_or(true, |v| v != "0"),
         ..Default::default()
     };
     // Graceful upgrade is not used; keep its socket out of shared /tmp names.

@@ -11,13 +11,20 @@
 //! whatever batches are waiting in a single transaction (group commit: one
 //! fsync for many requests). The writer is also what makes per-key writes and
 //! Incr atomic: batches apply one after another against the current data.
+//!
+//! A bounded in-process cache of whole records sits in front of the file, so
+//! a hot session's read never leaves the proxy's thread. It is coherent
+//! because there is one writer: after each commit the writer replaces the
+//! records it wrote and bumps a generation; a reader that missed only fills
+//! the cache if no commit touched that shard while it read the file.
 
 use super::{Loaded, Record, SessionStore, StoreError, StoreKey, WriteBatch};
 use crate::session::{SessionId, CHANNELS};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
@@ -41,11 +48,90 @@ pub struct EmbeddedStore {
     db: Arc<Database>,
     tx: mpsc::Sender<Msg>,
     path: PathBuf,
+    cache: Arc<Cache>,
+}
+
+const SHARDS: usize = 16;
+
+/// Whole records by id, with their expiry (ms), in 16 locked shards.
+pub struct Cache {
+    shards: [Mutex<Shard>; SHARDS],
+    per_shard: usize,
+}
+
+#[derive(Default)]
+struct Shard {
+    map: HashMap<SessionId, (Arc<Record>, u64)>,
+    /// Bumped by the writer after every commit that touched this shard.
+    generation: u64,
+}
+
+impl Cache {
+    fn new(capacity: usize) -> Cache {
+        Cache {
+            shards: std::array::from_fn(|_| Mutex::new(Shard::default())),
+            per_shard: capacity.div_ceil(SHARDS),
+        }
+    }
+
+    fn shard(&self, id: &SessionId) -> &Mutex<Shard> {
+        &self.shards[id.0[0] as usize % SHARDS]
+    }
+
+    /// A live cached record, or the shard generation to fill in with.
+    fn get(&self, id: &SessionId, now: u64) -> Result<Arc<Record>, u64> {
+        let mut s = self.shard(id).lock().unwrap();
+        match s.map.get(id) {
+            Some((rec, exp)) if *exp > now => Ok(rec.clone()),
+            Some(_) => {
+                s.map.remove(id);
+                Err(s.generation)
+            }
+            None => Err(s.generation),
+        }
+    }
+
+    /// Fill after a miss, unless a commit touched the shard meanwhile.
+    fn fill(&self, id: SessionId, rec: Arc<Record>, expires: u64, generation: u64) {
+        let mut s = self.shard(&id).lock().unwrap();
+        if s.generation == generation {
+            self.insert(&mut s, id, rec, expires);
+        }
+    }
+
+    fn insert(&self, s: &mut Shard, id: SessionId, rec: Arc<Record>, expires: u64) {
+        if self.per_shard == 0 {
+            return;
+        }
+        if s.map.len() >= self.per_shard && !s.map.contains_key(&id) {
+            // Evict an arbitrary entry: cheap, and good enough for a cache
+            // whose misses cost one file read.
+            if let Some(victim) = s.map.keys().next().copied() {
+                s.map.remove(&victim);
+            }
+        }
+        s.map.insert(id, (rec, expires));
+    }
+
+    /// After a commit: the writer's view of each touched session.
+    fn committed(&self, updates: CacheUpdates) {
+        for (id, u) in updates {
+            let mut s = self.shard(&id).lock().unwrap();
+            s.generation += 1;
+            match u {
+                Some((rec, exp)) if !rec.is_empty() => self.insert(&mut s, id, rec, exp),
+                _ => {
+                    s.map.remove(&id);
+                }
+            }
+        }
+    }
 }
 
 impl EmbeddedStore {
-    /// Open (or create) the file and start the writer thread.
-    pub fn open(path: &Path) -> Result<EmbeddedStore, String> {
+    /// Open (or create) the file and start the writer thread. `cache` bounds
+    /// the number of sessions kept in memory (0: no cache).
+    pub fn open(path: &Path, cache: usize) -> Result<EmbeddedStore, String> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("cannot create directory {}: {e}", dir.display()))?;
@@ -65,14 +151,17 @@ impl EmbeddedStore {
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel();
         let wdb = db.clone();
+        let cache = Arc::new(Cache::new(cache));
+        let wcache = cache.clone();
         std::thread::Builder::new()
             .name("gimlet-store-writer".into())
-            .spawn(move || writer(wdb, rx))
+            .spawn(move || writer(wdb, rx, wcache))
             .map_err(|e| format!("cannot start the store writer: {e}"))?;
         Ok(EmbeddedStore {
             db,
             tx,
             path: path.to_path_buf(),
+            cache,
         })
     }
 
@@ -116,18 +205,18 @@ fn expiry_key(at: u64, id: &SessionId) -> [u8; 24] {
     k
 }
 
-/// Read a session's channels in `mask` (all when reading for a write).
+/// Read a session's channels in `mask`, and its expiry (0: no live record).
 fn read_record(
     data: &impl ReadableTable<&'static [u8], &'static [u8]>,
     session: &impl ReadableTable<&'static [u8], u64>,
     id: &SessionId,
     mask: u8,
     now: u64,
-) -> Result<Record, redb::Error> {
+) -> Result<(Record, u64), redb::Error> {
     let mut rec = Record::default();
-    let live = session.get(&id.0[..])?.is_some_and(|e| e.value() > now);
-    if !live {
-        return Ok(rec);
+    let expires = session.get(&id.0[..])?.map_or(0, |e| e.value());
+    if expires <= now {
+        return Ok((rec, 0));
     }
     for ch in CHANNELS {
         if mask & ch.bit() == 0 {
@@ -142,7 +231,7 @@ fn read_record(
             rec.channels[ch.index()].insert(key, val);
         }
     }
-    Ok(rec)
+    Ok((rec, expires))
 }
 
 fn delete_session(
@@ -160,13 +249,17 @@ fn delete_session(
     Ok(())
 }
 
+type CacheUpdates = Vec<(SessionId, Option<(Arc<Record>, u64)>)>;
+
 /// Apply one batch inside the writer's transaction. The outer `Result` is a
 /// storage failure (aborts the group); the inner one a rejection of this
-/// batch alone (nothing of it was written).
+/// batch alone (nothing of it was written). `updates` collects what the
+/// cache must learn once the transaction commits.
 fn apply(
     txn: &redb::WriteTransaction,
     b: &WriteBatch,
     now: u64,
+    updates: &mut CacheUpdates,
 ) -> Result<Result<(), StoreError>, redb::Error> {
     let mut data = txn.open_table(DATA)?;
     let mut session = txn.open_table(SESSION)?;
@@ -176,7 +269,7 @@ fn apply(
     let before = if b.destroy.is_some_and(|d| d.id == src) {
         Record::default()
     } else {
-        read_record(&data, &session, &src, 0b1111, now)?
+        read_record(&data, &session, &src, 0b1111, now)?.0
     };
     let mut after = before.clone();
     if !b.destroy_only() {
@@ -186,9 +279,13 @@ fn apply(
     }
     if let Some(d) = b.destroy {
         delete_session(&mut data, &mut session, &mut expiry, &d.id)?;
+        updates.push((d.id, None));
     }
     if b.destroy_only() {
         return Ok(Ok(()));
+    }
+    if let Some(from) = b.rename_from {
+        updates.push((from, None));
     }
     // Write only what changed (a Regenerate rewrites under the new id).
     let base = if b.rename_from.is_some() {
@@ -222,6 +319,7 @@ fn apply(
         session.insert(&id.0[..], b.expire_at)?;
         expiry.insert(&expiry_key(b.expire_at, id)[..], ())?;
     }
+    updates.push((*id, Some((Arc::new(after), b.expire_at))));
     Ok(Ok(()))
 }
 
@@ -246,7 +344,7 @@ fn sweep(txn: &redb::WriteTransaction, now: u64) -> Result<usize, redb::Error> {
     Ok(ids.len())
 }
 
-fn writer(db: Arc<Database>, rx: mpsc::Receiver<Msg>) {
+fn writer(db: Arc<Database>, rx: mpsc::Receiver<Msg>, cache: Arc<Cache>) {
     let mut last_sweep = std::time::Instant::now();
     loop {
         let first = match rx.recv_timeout(SWEEP_EVERY) {
@@ -267,12 +365,13 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Msg>) {
         }
         let now = crate::now_ms();
         let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(msgs.len());
+        let mut updates = CacheUpdates::new();
         let mut swept = 0;
         let mut run = || -> Result<(), redb::Error> {
             let txn = db.begin_write()?;
             for m in &msgs {
                 match m {
-                    Msg::Write(b, _) => results.push(apply(&txn, b, now)?),
+                    Msg::Write(b, _) => results.push(apply(&txn, b, now, &mut updates)?),
                     Msg::Sweep(_) => {
                         swept += sweep(&txn, now)?;
                         results.push(Ok(()));
@@ -286,6 +385,11 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Msg>) {
             Ok(())
         };
         let outcome = run();
+        if outcome.is_ok() {
+            // Before any reply: a request that saw its write acknowledged
+            // reads the new data.
+            cache.committed(updates);
+        }
         if due {
             last_sweep = std::time::Instant::now();
             if swept > 0 {
@@ -311,18 +415,29 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Msg>) {
 
 impl SessionStore for EmbeddedStore {
     async fn load(&self, key: &StoreKey, mask: u8) -> Result<Loaded, StoreError> {
+        let now = crate::now_ms();
+        let generation = match self.cache.get(&key.id, now) {
+            Ok(rec) => return Ok(rec.loaded(mask)),
+            Err(generation) => generation,
+        };
         let db = self.db.clone();
         let id = key.id;
-        let rec = tokio::task::spawn_blocking(move || -> Result<Record, redb::Error> {
-            let txn = db.begin_read()?;
-            let data = txn.open_table(DATA)?;
-            let session = txn.open_table(SESSION)?;
-            read_record(&data, &session, &id, mask, crate::now_ms())
-        })
-        .await
-        .map_err(|e| StoreError::Unavailable(format!("embedded store: {e}")))?
-        .map_err(unavailable)?;
-        Ok(rec.loaded(mask))
+        // redb blocks: read on the blocking pool, never on the proxy thread.
+        let (rec, expires) =
+            tokio::task::spawn_blocking(move || -> Result<(Record, u64), redb::Error> {
+                let txn = db.begin_read()?;
+                let data = txn.open_table(DATA)?;
+                let session = txn.open_table(SESSION)?;
+                read_record(&data, &session, &id, 0b1111, now)
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("embedded store: {e}")))?
+            .map_err(unavailable)?;
+        let loaded = rec.loaded(mask);
+        if expires > now {
+            self.cache.fill(id, Arc::new(rec), expires, generation);
+        }
+        Ok(loaded)
     }
 
     async fn write(&self, batch: &WriteBatch) -> Result<(), StoreError> {
@@ -344,5 +459,86 @@ impl SessionStore for EmbeddedStore {
         .await
         .map_err(|e| StoreError::Unavailable(format!("embedded store: {e}")))?
         .map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ChannelWrite;
+
+    fn key(b: u8) -> StoreKey {
+        StoreKey {
+            id: SessionId([b; 16]),
+            tag: 1,
+        }
+    }
+
+    fn set(k: StoreKey, pairs: &[(&str, &str)]) -> WriteBatch {
+        let mut b = WriteBatch::new(k, crate::now_ms() + 60_000);
+        b.channels[0] = ChannelWrite {
+            set: pairs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        b
+    }
+
+    async fn get(s: &EmbeddedStore, k: StoreKey) -> BTreeMapOf {
+        s.load(&k, 0b1111).await.unwrap()[0].clone().unwrap()
+    }
+
+    type BTreeMapOf = std::collections::BTreeMap<String, String>;
+
+    #[tokio::test]
+    async fn cache_stays_coherent_with_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        for cache in [0, 4] {
+            let s = EmbeddedStore::open(&dir.path().join(format!("c{cache}.redb")), cache).unwrap();
+            let (a, b) = (key(1), key(2));
+            s.write(&set(a, &[("x", "1")])).await.unwrap();
+            assert_eq!(get(&s, a).await["x"], "1");
+            s.write(&set(a, &[("x", "2")])).await.unwrap();
+            assert_eq!(
+                get(&s, a).await["x"],
+                "2",
+                "stale after a write (cache {cache})"
+            );
+            // Regenerate: the old id reads empty, the new one has the data.
+            let mut r = set(b, &[("y", "3")]);
+            r.rename_from = Some(a.id);
+            s.write(&r).await.unwrap();
+            assert!(get(&s, a).await.is_empty());
+            assert_eq!(get(&s, b).await["x"], "2");
+            // Destroy.
+            let mut d = WriteBatch::new(b, 0);
+            d.destroy = Some(b);
+            s.write(&d).await.unwrap();
+            assert!(get(&s, b).await.is_empty());
+            // A rejected batch changes nothing.
+            s.write(&set(a, &[("w", "word")])).await.unwrap();
+            let mut bad = WriteBatch::new(a, crate::now_ms() + 60_000);
+            bad.channels[0].set = vec![("z".into(), "1".into())];
+            bad.channels[0].incr = vec![("w".into(), 1)];
+            assert!(matches!(s.write(&bad).await, Err(StoreError::Rejected(_))));
+            assert!(!get(&s, a).await.contains_key("z"));
+        }
+    }
+
+    #[tokio::test]
+    async fn expired_records_are_absent_and_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(&dir.path().join("e.redb"), 16).unwrap();
+        let mut b = set(key(3), &[("x", "1")]);
+        b.expire_at = crate::now_ms() + 50;
+        s.write(&b).await.unwrap();
+        assert_eq!(get(&s, key(3)).await["x"], "1");
+        tokio::time::sleep(std::time::Duration::from_millis(80)).await;
+        assert!(get(&s, key(3)).await.is_empty());
+        assert_eq!(s.session_count().unwrap(), 1);
+        assert_eq!(s.sweep().await.unwrap(), 1);
+        assert_eq!(s.session_count().unwrap(), 0);
     }
 }

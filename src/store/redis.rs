@@ -73,15 +73,23 @@ for c = 1, 4 do
         cur = redis.call("HGET", src(c), k)
         if cur == false then cur = nil end
       end
-      redis.call("SET", KEYS[9], cur or "0")
-      local r = redis.pcall("INCRBY", KEYS[9], kn[2])
-      local v = redis.call("GET", KEYS[9])
-      redis.call("DEL", KEYS[9])
-      if type(r) == "table" and r.err then
-        if string.find(r.err, "overflow", 1, true) then return { "overflow", k } end
-        return { "not_integer", k }
+      cur = cur or "0"
+      if not string.match(cur, "^%-?%d+$") then return { "not_integer", k } end
+      if string.len(cur) <= 15 and string.len(kn[2]) <= 15 then
+        -- Both below 2^53: exact in Lua's doubles.
+        op.result[k] = string.format("%.0f", tonumber(cur) + tonumber(kn[2]))
+      else
+        -- Redis' own 64-bit arithmetic, with its overflow check.
+        redis.call("SET", KEYS[9], cur)
+        local r = redis.pcall("INCRBY", KEYS[9], kn[2])
+        local v = redis.call("GET", KEYS[9])
+        redis.call("DEL", KEYS[9])
+        if type(r) == "table" and r.err then
+          if string.find(r.err, "overflow", 1, true) then return { "overflow", k } end
+          return { "not_integer", k }
+        end
+        op.result[k] = v
       end
-      op.result[k] = v
     end
   end
 end
@@ -94,8 +102,10 @@ if max_keys >= 0 then
     local op = ops[c]
     local fields = {}
     if not op.clear then
-      local h = src(c)
-      for _, f in ipairs(redis.call("HKEYS", h)) do fields[f] = redis.call("HSTRLEN", h, f) end
+      -- HKEYS and HVALS list an unchanged hash in the same order.
+      local names = redis.call("HKEYS", src(c))
+      local vals = redis.call("HVALS", src(c))
+      for i = 1, #names do fields[names[i]] = string.len(vals[i]) end
     end
     for _, k in ipairs(op.del) do fields[k] = nil end
     for _, kv in ipairs(op.set) do fields[kv[1]] = string.len(kv[2]) end
