@@ -291,6 +291,7 @@ def main():
         ("A", "direct to the upstream (nginx return 200)", UP, "/", None, up),
         ("B", "nginx proxy_pass, upstream keepalive", PROXY, "/", None, proxy),
         ("C", "gateway, sessions off (read: none, write: none)", gport, "/off/", None, gw),
+        ("C'", "C carrying E's cookie (same request bytes as E; control row)", gport, "/off/", c3, gw),
         ("D", "gateway, sessions on, no cookie", gport, "/", None, gw),
         ("E", "cookie-only session read (3 clientside keys)", gport, "/", c3, gw),
         ("F", "clientside write every request (new Set-Cookie)", gport, "/cw", c3, gw),
@@ -363,7 +364,10 @@ def main():
         return results["C"]["cpu_us"] / results[k]["cpu_us"]
 
     def target(name, k, want):
-        return (name, ratio(k) >= want, f"req/s {ratio(k):.2f} × C; CPU/req {cpu(k):.2f} × C")
+        control = results["C'"]
+        return (name, ratio(k) >= want,
+                f"req/s {ratio(k):.2f} × C; CPU/req {cpu(k):.2f} × C; "
+                f"against C' (same request bytes): req/s {results[k]['rps'] / control['rps']:.2f}, CPU/req {control['cpu_us'] / results[k]['cpu_us']:.2f}")
 
     checks = [
         target("E ≥ 0.95 × C", "E", 0.95),
@@ -429,7 +433,7 @@ def machine():
                 break
     return [
         f"- CPU: {model}, {NCPU} cores; kernel {os.uname().release}",
-        f"- {cmd('rustc', '--version')}; gimlet {cmd(BIN, '--version')}",
+        f"- {cmd('rustc', '--version')}; {cmd(BIN, '--version')}",
         f"- {cmd('nginx', '-v')}; {cmd('redis-server', '--version').split(' sha=')[0]}; {cmd('wrk', '-v').splitlines()[0] if cmd('wrk', '-v') else 'wrk'}",
         f"- Pinning: {'gateway / nginx proxy on CPU ' + GW_CPU + ', wrk + upstream nginx + redis-server on CPU ' + LOAD_CPU + ' (row A: the upstream moves to CPU ' + GW_CPU + ')' if PIN else 'none (fewer than 2 CPUs or no taskset)'}",
         f"- Load: wrk -t1 -c{CONNS} -d{DUR}s per row, {ROUNDS} rounds (all rows, round after round), median reported; then -c1 for {max(3, DUR // 2)}s (p50 at 1 connection); keep-alive; loopback",

@@ -225,8 +225,18 @@ impl Session {
         if d.regenerate {
             out.applied[3] += 1;
             if let Some(m) = &mut meta {
-                if had_store_data(&w) {
+                if had_store_data(&w) && !self.degraded {
                     rename_from = Some(m.id);
+                    // Store data of a channel whose cookie the browser no
+                    // longer holds (a closed browser's transient keys) is
+                    // stale: it must not follow the session to its new id.
+                    // Secure cookies are invisible over plain HTTP, so their
+                    // channels are only judged on HTTPS.
+                    for ch in CHANNELS {
+                        if !w.present[ch.index()] && (cx.https || !ch.secure()) {
+                            w.ops[ch.index()].clear = true;
+                        }
+                    }
                 }
                 m.id = SessionId::random();
                 out.regenerated = true;
@@ -698,4 +708,232 @@ fn check_policy(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cookie::{SameSite, SecureMode};
+    use crate::session::{KeyPolicies, Limits, RequestInfo};
+    use std::collections::HashMap;
+
+    fn settings(idle: Option<u64>) -> Settings {
+        let mut declared = HashMap::new();
+        declared.insert(
+            "c".to_string(),
+            Policy {
+                clientside: true,
+                permanent: true,
+                secure: false,
+            },
+        );
+        declared.insert(
+            "t".to_string(),
+            Policy {
+                clientside: false,
+                permanent: false,
+                secure: false,
+            },
+        );
+        Settings {
+            policies: KeyPolicies {
+                declared,
+                undeclared: Some(Policy::SERVER),
+                fallback: Policy::SERVER,
+            },
+            limits: Limits::default(),
+            lifetime: 3_600_000,
+            idle_timeout: idle,
+            touch_interval: 1000,
+            has_store: true,
+            dev_insecure: false,
+        }
+    }
+
+    struct Env {
+        settings: Settings,
+        codec: Codec,
+        spec: CookieSpec,
+    }
+
+    impl Env {
+        fn new(idle: Option<u64>) -> Env {
+            Env {
+                settings: settings(idle),
+                codec: Codec::new(&["unit-test-secret-0123456789abcdefghij"], true),
+                spec: CookieSpec::new(
+                    "g",
+                    "/".into(),
+                    None,
+                    SameSite::Lax,
+                    SecureMode::Auto,
+                    false,
+                ),
+            }
+        }
+
+        fn cx(&self, now: u64) -> WriteContext<'_> {
+            WriteContext {
+                settings: &self.settings,
+                codec: &self.codec,
+                spec: &self.spec,
+                encrypt: true,
+                write: &KeySet::All,
+                https: false,
+                now,
+            }
+        }
+
+        /// The session a browser holding `lines` (Set-Cookie values) sends.
+        fn session(&self, lines: &[String], now: u64) -> Session {
+            let header: Vec<String> = lines
+                .iter()
+                .map(|l| l.split(';').next().unwrap().to_string())
+                .collect();
+            let header = header.join("; ");
+            Session::from_cookies(
+                &self.codec,
+                &self.spec,
+                &self.settings,
+                [header.as_bytes()].into_iter(),
+                RequestInfo { https: false, now },
+            )
+        }
+    }
+
+    fn d(set: &[(&str, &str)]) -> Directives {
+        Directives {
+            set: set
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn clientside_set_creates_a_cookie_and_no_store_write() {
+        let env = Env::new(None);
+        let o = Session::default()
+            .apply(&d(&[("c", "1")]), &env.cx(1000))
+            .unwrap();
+        assert!(o.created);
+        assert!(o.batch.is_none());
+        assert_eq!(o.set_cookies.len(), 1);
+        assert!(o.set_cookies[0].starts_with("g="));
+        let s = env.session(&o.set_cookies, 2000);
+        assert_eq!(s.get("c", &env.settings), Some("1"));
+        // A read-only request afterwards: nothing to send.
+        let o2 = s.apply(&Directives::default(), &env.cx(3000)).unwrap();
+        assert!(o2.set_cookies.is_empty() && o2.batch.is_none());
+    }
+
+    #[test]
+    fn first_server_side_key_marks_the_cookie() {
+        let env = Env::new(None);
+        let o = Session::default()
+            .apply(&d(&[("user", "a")]), &env.cx(1000))
+            .unwrap();
+        let b = o.batch.expect("a store write");
+        assert_eq!(
+            b.channels[0].set,
+            vec![("user".to_string(), "a".to_string())]
+        );
+        assert!(b.limits.is_some());
+        let s = env.session(&o.set_cookies, 2000);
+        assert_eq!(s.flags(Channel::Perm) & FLAG_STORE, FLAG_STORE);
+        // Known store data now: a second key needs no Set-Cookie.
+        let o2 = s.apply(&d(&[("role", "x")]), &env.cx(2000)).unwrap();
+        assert!(o2.set_cookies.is_empty());
+        assert!(o2.batch.is_some());
+    }
+
+    #[test]
+    fn regenerate_drops_stale_channels_and_destroy_keeps_the_tag() {
+        let env = Env::new(None);
+        let o = Session::default()
+            .apply(&d(&[("user", "a"), ("t", "x")]), &env.cx(1000))
+            .unwrap();
+        let all = env.session(&o.set_cookies, 1500);
+        let tag = all.meta.unwrap().tag;
+        // The browser closed: the transient cookie is gone.
+        let perm_only: Vec<String> = o
+            .set_cookies
+            .iter()
+            .filter(|l| l.starts_with("g="))
+            .cloned()
+            .collect();
+        let s = env.session(&perm_only, 2000);
+        let regen = Directives {
+            regenerate: true,
+            ..Default::default()
+        };
+        let o = s.apply(&regen, &env.cx(2000)).unwrap();
+        let b = o.batch.unwrap();
+        assert_eq!(b.rename_from, Some(s.meta.unwrap().id));
+        assert!(
+            b.channels[Channel::Trans.index()].clear,
+            "stale transient data followed the new id"
+        );
+        assert!(!b.channels[Channel::Perm.index()].clear);
+        // Destroy + Set: a new id that keeps the store's hash tag.
+        let ds = Directives {
+            destroy: true,
+            ..d(&[("user", "b")])
+        };
+        let o = all.apply(&ds, &env.cx(3000)).unwrap();
+        let b = o.batch.unwrap();
+        assert_eq!(b.destroy.map(|k| k.tag), Some(tag));
+        assert_eq!(b.key.tag, tag);
+        assert_ne!(b.key.id, all.meta.unwrap().id);
+        assert!(o.created && o.destroyed);
+    }
+
+    #[test]
+    fn touch_only_after_the_interval() {
+        let env = Env::new(Some(10_000));
+        let o = Session::default()
+            .apply(&d(&[("user", "a")]), &env.cx(1000))
+            .unwrap();
+        let s = env.session(&o.set_cookies, 1500);
+        assert!(s
+            .apply(&Directives::default(), &env.cx(1500))
+            .unwrap()
+            .set_cookies
+            .is_empty());
+        let o = s.apply(&Directives::default(), &env.cx(2500)).unwrap();
+        assert_eq!(o.set_cookies.len(), 1, "touch re-issues the cookie");
+        let b = o.batch.expect("and refreshes the store TTL");
+        assert_eq!(b.expire_at, 12_500);
+        assert!(b.channels.iter().all(|c| c.is_empty()));
+        // Idle past the timeout: no session.
+        assert!(env.session(&o.set_cookies, 12_500).meta.is_none());
+    }
+
+    #[test]
+    fn errors_apply_nothing() {
+        let env = Env::new(None);
+        let mut dd = d(&[("c", "1")]);
+        dd.incr = vec![("c".into(), 1)];
+        assert!(Session::default().apply(&dd, &env.cx(1)).is_ok());
+        dd.set = vec![("c".into(), "x".into())];
+        assert_eq!(
+            Session::default()
+                .apply(&dd, &env.cx(1))
+                .unwrap_err()
+                .reason,
+            "not_integer"
+        );
+        let cx = WriteContext {
+            write: &KeySet::Only(vec!["c".into()]),
+            ..env.cx(1)
+        };
+        assert_eq!(
+            Session::default()
+                .apply(&d(&[("user", "a")]), &cx)
+                .unwrap_err()
+                .reason,
+            "not_allowed"
+        );
+    }
 }
