@@ -45,30 +45,17 @@ async fn embedded_store_parallel_writes_and_destroy() {
     let g = Gateway::start(&yaml(&up, &[SECRET], "", "{ kind: embedded }"));
     let mut b = Browser::new(&g);
     b.get("/", &[("X-Session-Set", "start=1")]).await;
-    let cookie = b.jar.header();
-    let c = client();
-    let mut tasks = Vec::new();
-    for i in 0..50 {
-        let c = c.clone();
-        let url = format!(
-            "{}{}",
-            b.base,
-            path_with(
-                "/",
-                &[
-                    ("X-Session-Set", &format!("k{i}={i}")),
-                    ("X-Session-Incr", "n=1")
-                ]
+    let urls = (0..50)
+        .map(|i| {
+            let set = format!("k{i}={i}");
+            format!(
+                "{}{}",
+                b.base,
+                path_with("/", &[("X-Session-Set", &set), ("X-Session-Incr", "n=1")])
             )
-        );
-        let cookie = cookie.clone();
-        tasks.push(tokio::spawn(async move {
-            send(&c, c.get(url).header("cookie", cookie)).await
-        }));
-    }
-    for t in tasks {
-        assert_eq!(t.await.unwrap().status, 200);
-    }
+        })
+        .collect();
+    all_at_once(urls, &b.jar.header()).await;
     let s = b.get("/", &[]).await.session();
     for i in 0..50 {
         assert_eq!(s.get(&format!("k{i}")), Some(&i.to_string()), "k{i} lost");

@@ -129,26 +129,18 @@ async fn parallel_sets_and_incr_across_two_gateways() {
     let g2 = Gateway::start(&redis_yaml(&up, &store_for(&r, ""), ""));
     let mut b = Browser::new(&g1);
     b.get("/", &[("X-Session-Set", "start=1")]).await;
-    let cookie = b.jar.header();
-    let c = client();
-    let mut tasks = Vec::new();
-    for i in 0..100 {
-        let gw = if i % 2 == 0 { &g1 } else { &g2 };
-        let mut d = vec![("X-Session-Incr".to_string(), "hits=1".to_string())];
-        if i < 50 {
-            d.push(("X-Session-Set".to_string(), format!("k{i}={i}")));
-        }
-        let refs: Vec<(&str, &str)> = d.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-        let url = format!("http://{}{}", gw.addr, path_with("/", &refs));
-        let (c, cookie) = (c.clone(), cookie.clone());
-        tasks.push(tokio::spawn(async move {
-            send(&c, c.get(url).header("cookie", cookie)).await
-        }));
-    }
-    for t in tasks {
-        let r = t.await.unwrap();
-        assert_eq!(r.status, 200, "{}", r.body);
-    }
+    let urls = (0..100)
+        .map(|i| {
+            let gw = if i % 2 == 0 { &g1 } else { &g2 };
+            let set = format!("k{i}={i}");
+            let mut d = vec![("X-Session-Incr", "hits=1")];
+            if i < 50 {
+                d.push(("X-Session-Set", &set));
+            }
+            format!("http://{}{}", gw.addr, path_with("/", &d))
+        })
+        .collect();
+    all_at_once(urls, &b.jar.header()).await;
     let s = b.get("/", &[]).await.session();
     assert_eq!(s["hits"], "100");
     for i in 0..50 {

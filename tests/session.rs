@@ -448,24 +448,16 @@ async fn fifty_parallel_sets_of_different_keys_are_all_kept() {
     let (_up, g) = gw("", MEM, "");
     let mut b = Browser::new(&g);
     b.get("/", &[("X-Session-Set", "start=1")]).await;
-    let cookie = b.jar.header();
-    let c = client();
-    let mut tasks = Vec::new();
-    for i in 0..50 {
-        let c = c.clone();
-        let url = format!(
-            "{}{}",
-            b.base,
-            path_with("/", &[("X-Session-Set", &format!("k{i}={i}"))])
-        );
-        let cookie = cookie.clone();
-        tasks.push(tokio::spawn(async move {
-            send(&c, c.get(url).header("cookie", cookie)).await
-        }));
-    }
-    for t in tasks {
-        assert_eq!(t.await.unwrap().status, 200);
-    }
+    let urls = (0..50)
+        .map(|i| {
+            format!(
+                "{}{}",
+                b.base,
+                path_with("/", &[("X-Session-Set", &format!("k{i}={i}"))])
+            )
+        })
+        .collect();
+    all_at_once(urls, &b.jar.header()).await;
     let s = b.get("/", &[]).await.session();
     for i in 0..50 {
         assert_eq!(s.get(&format!("k{i}")), Some(&i.to_string()), "k{i} lost");
@@ -478,24 +470,12 @@ async fn parallel_incr_is_atomic() {
     let (_up, g) = gw("", MEM, "");
     let mut b = Browser::new(&g);
     b.get("/", &[("X-Session-Set", "start=1")]).await;
-    let cookie = b.jar.header();
-    let c = client();
-    let mut tasks = Vec::new();
-    for _ in 0..60 {
-        let c = c.clone();
-        let url = format!(
-            "{}{}",
-            b.base,
-            path_with("/", &[("X-Session-Incr", "hits=1")])
-        );
-        let cookie = cookie.clone();
-        tasks.push(tokio::spawn(async move {
-            send(&c, c.get(url).header("cookie", cookie)).await
-        }));
-    }
-    for t in tasks {
-        assert_eq!(t.await.unwrap().status, 200);
-    }
+    let url = format!(
+        "{}{}",
+        b.base,
+        path_with("/", &[("X-Session-Incr", "hits=1")])
+    );
+    all_at_once(vec![url; 60], &b.jar.header()).await;
     assert_eq!(b.get("/", &[]).await.session()["hits"], "60");
 }
 

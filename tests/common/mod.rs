@@ -643,3 +643,20 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// GET every URL at once, all with the same `Cookie`; every response must be
+/// a 200.
+pub async fn all_at_once(urls: Vec<String>, cookie: &str) {
+    let c = client();
+    let tasks: Vec<_> = urls
+        .into_iter()
+        .map(|url| {
+            let (c, cookie) = (c.clone(), cookie.to_string());
+            tokio::spawn(async move { send(&c, c.get(url).header("cookie", cookie)).await })
+        })
+        .collect();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+}
