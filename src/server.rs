@@ -80,7 +80,6 @@ pub fn run(
         threads: config.server.threads,
         grace_period_seconds: Some(grace),
         graceful_shutdown_timeout_seconds: Some(1),
-        work_stealing: std::env::var("GIMLET_WORK_STEALING").map_or(true, |v| v != "0"),
         ..Default::default()
     };
     // Graceful upgrade is not used; keep its socket out of shared /tmp names.
