@@ -331,6 +331,62 @@ async fn redis_down_fail_mode_then_back() {
     assert_eq!(b.get("/", &[]).await.session()["user"], "carol");
 }
 
+/// Redis dies and comes back while four clients keep sending: every answer
+/// is a 200 or a 503 within the timeout, nothing hangs, and the gateway
+/// recovers on its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_killed_and_restarted_under_load() {
+    let mut r = RedisServer::start();
+    let up = Upstream::start();
+    let g = Gateway::start(&redis_yaml(&up, &store_for(&r, ""), ""));
+    let mut b = Browser::new(&g);
+    b.get("/", &[("X-Session-Set", "user=alice")]).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for n in 0..4 {
+        let (stop, jar, addr) = (stop.clone(), b.jar.clone(), g.addr);
+        clients.push(tokio::spawn(async move {
+            let mut c = Browser::new_at(addr);
+            c.jar = jar;
+            let mut seen = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                i += 1;
+                let t = Instant::now();
+                let d = format!("k{n}={i}");
+                let resp = c.get("/", &[("X-Session-Set", &d)]).await;
+                seen.push((resp.status, t.elapsed()));
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    r.kill();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    r.restart();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut failed = 0;
+    for c in clients {
+        let seen = c.await.unwrap();
+        for (status, took) in &seen {
+            assert!(*status == 200 || *status == 503, "status {status}");
+            assert!(
+                *took < Duration::from_millis(1500),
+                "a request took {took:?}"
+            );
+        }
+        failed += seen.iter().filter(|(s, _)| *s == 503).count();
+        assert_eq!(
+            seen.last().unwrap().0,
+            200,
+            "not recovered: {:?}",
+            &seen[seen.len().saturating_sub(5)..]
+        );
+    }
+    assert!(failed > 0, "Redis was down and nobody noticed");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_down_degrade_mode() {
     let mut r = RedisServer::start();
