@@ -455,8 +455,8 @@ def write_results(table, checks_md, criterion_md):
         "",
         table,
         "",
-        "Redis round trips/req counts `HGETALL` (reads; one per channel read, pipelined) plus `EVALSHA`/`EVAL` (the atomic write script) "
-        "and `DEL` per request; Redis commands/req counts every command Redis executed, including those the write script runs inside.",
+        "Redis round trips/req counts `HGETALL` (reads; one per channel read, pipelined) plus `EVALSHA`/`EVAL` (the atomic write script) per request "
+        "(commands the gateway sends); Redis commands/req counts every command Redis executed, including those the write script runs inside.",
         "",
         "## Targets",
         "",
