@@ -82,16 +82,7 @@ impl Upstream {
 async fn echo(
     req: hyper::Request<hyper::body::Incoming>,
 ) -> Result<hyper::Response<Full<Bytes>>, std::convert::Infallible> {
-    let mut headers: Vec<(String, String)> = req
-        .headers()
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.as_str().to_string(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
+    let mut headers = header_pairs(req.headers());
     headers.sort();
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
@@ -435,16 +426,7 @@ pub async fn send(c: &reqwest::Client, req: reqwest::RequestBuilder) -> Resp {
     let _ = c;
     let r = req.send().await.expect("request");
     let status = r.status().as_u16();
-    let headers: Vec<(String, String)> = r
-        .headers()
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.as_str().to_string(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
-        })
-        .collect();
+    let headers = header_pairs(r.headers());
     let set_cookies = headers
         .iter()
         .filter(|(n, _)| n == "set-cookie")
@@ -659,4 +641,27 @@ pub async fn all_at_once(urls: Vec<String>, cookie: &str) {
         let r = t.await.unwrap();
         assert_eq!(r.status, 200, "{}", r.body);
     }
+}
+
+/// (name, value) pairs of a header map, values read lossily as UTF-8.
+pub fn header_pairs(h: &http::HeaderMap) -> Vec<(String, String)> {
+    h.iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Store reads that failed or timed out, from a /metrics text.
+pub fn failed_reads(metrics: &str) -> f64 {
+    metric_value(
+        metrics,
+        "gimlet_store_operations_total{op=\"read\",result=\"error\"}",
+    ) + metric_value(
+        metrics,
+        "gimlet_store_operations_total{op=\"read\",result=\"timeout\"}",
+    )
 }
