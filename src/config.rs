@@ -71,7 +71,16 @@ pub struct Config {
     pub session: SessionConfig,
     pub store: StoreConfig,
     pub server: ServerConfig,
+    pub paths: PathsConfig,
     pub routes: Vec<RouteConfig>,
+}
+
+/// `paths:` (SPEC section 3).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PathsConfig {
+    /// `escaped_separators: keep`: pass `%2F` / `%5C` on undecoded instead
+    /// of answering 400.
+    pub keep_escaped_separators: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -166,7 +175,10 @@ pub struct RouteConfig {
     pub name: String,
     /// Lowercase; `*.suffix` for wildcards.
     pub host: Option<String>,
+    /// Normalized (see [`crate::path`]), without `;` parameters.
     pub path_prefix: String,
+    /// `match.ignore_case`: compare `path_prefix` case-insensitively.
+    pub ignore_case: bool,
     /// `host:port` strings, resolved when the gateway starts.
     pub upstreams: Vec<String>,
     pub read: KeySet,
@@ -306,7 +318,15 @@ struct RawConfig {
     store: RawStore,
     #[serde(default)]
     server: RawServer,
+    #[serde(default)]
+    paths: RawPaths,
     routes: Vec<RawRoute>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPaths {
+    escaped_separators: Option<Str>,
 }
 
 #[derive(Deserialize)]
@@ -370,6 +390,8 @@ struct RawCookie {
     domain: Option<Str>,
     same_site: Option<Str>,
     secure: Option<Str>,
+    #[serde(default)]
+    host_prefix: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -420,6 +442,8 @@ struct RawRoute {
 struct RawMatch {
     host: Option<Str>,
     path_prefix: Option<Str>,
+    #[serde(default)]
+    ignore_case: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -636,6 +660,10 @@ fn serde_error(e: &serde_yaml::Error, index: &LineIndex) -> ConfigError {
         Some((p, m)) if !p.contains(' ') => (p.to_string(), m.to_string()),
         _ => (String::new(), body.to_string()),
     };
+    // serde quotes the offending value (`invalid type: string "..."`): a
+    // secret written where a list belongs must not reach a terminal or a
+    // log. Name the field and the kind of value, never the value.
+    let message = redact_quoted(&message);
     // Custom errors carry the container's path; name the field on that line.
     let path = match line.and_then(|l| index.field_on_line(&path, l)) {
         Some(p) if p.len() > path.len() => p.to_string(),
@@ -645,6 +673,24 @@ fn serde_error(e: &serde_yaml::Error, index: &LineIndex) -> ConfigError {
         path,
         line,
         message,
+    }
+}
+
+/// `invalid type: string "s3cr3t", expected a sequence` ->
+/// `invalid type: a string, expected a sequence`; every other quoted value
+/// becomes `"…"`.
+fn redact_quoted(message: &str) -> String {
+    let (Some(start), Some(end)) = (message.find('"'), message.rfind('"')) else {
+        return message.to_string();
+    };
+    if end <= start {
+        return message.to_string();
+    }
+    let before = &message[..start];
+    let after = &message[end + 1..];
+    match before.strip_suffix("string ") {
+        Some(head) => format!("{head}a string{after}"),
+        None => format!("{before}\"…\"{after}"),
     }
 }
 
@@ -865,6 +911,14 @@ fn build(raw: RawConfig, file: &Path, base: &Path, e: &mut Errors) -> Config {
         ),
     };
 
+    let paths = PathsConfig {
+        keep_escaped_separators: e.choice(
+            "paths.escaped_separators",
+            &raw.paths.escaped_separators,
+            &["reject", "keep"],
+        ) == "keep",
+    };
+
     let routes = build_routes(&raw.routes, e);
 
     Config {
@@ -876,6 +930,7 @@ fn build(raw: RawConfig, file: &Path, base: &Path, e: &mut Errors) -> Config {
         session,
         store,
         server,
+        paths,
         routes,
     }
 }
@@ -1082,6 +1137,28 @@ fn build_session(
         "never" => SecureMode::Never,
         _ => SecureMode::Auto,
     };
+    if c.host_prefix {
+        // Browsers accept a `__Host-` cookie only with Secure, Path=/ and
+        // no Domain; anything else would silently never be stored.
+        if secure != SecureMode::Always || raw.dev_insecure {
+            e.add(
+                "session.cookie.host_prefix",
+                "host_prefix: true needs secure: always (and no dev_insecure): browsers drop __Host- cookies without Secure",
+            );
+        }
+        if path != "/" {
+            e.add(
+                "session.cookie.host_prefix",
+                "host_prefix: true needs path: /",
+            );
+        }
+        if domain.is_some() {
+            e.add(
+                "session.cookie.host_prefix",
+                "host_prefix: true cannot be combined with domain:",
+            );
+        }
+    }
     if same_site == SameSite::None && secure != SecureMode::Always && !raw.dev_insecure {
         e.add(
             "session.cookie.same_site",
@@ -1201,7 +1278,8 @@ fn build_session(
     SessionConfig {
         secrets,
         encrypt: raw.encrypt,
-        cookie: CookieSpec::new(&name, path, domain, same_site, secure, raw.dev_insecure),
+        cookie: CookieSpec::new(&name, path, domain, same_site, secure, raw.dev_insecure)
+            .with_host_prefix(c.host_prefix),
         settings: Settings {
             policies: KeyPolicies {
                 declared,
@@ -1269,9 +1347,22 @@ fn build_routes(raw: &[RawRoute], e: &mut Errors) -> Vec<RouteConfig> {
         let path_prefix = e
             .opt_text(&at("match.path_prefix"), &r.matches.path_prefix)
             .unwrap_or_else(|| "/".into());
-        if !path_prefix.starts_with('/') {
+        // Judged like request paths, so `/%61ccount` and `/account` agree.
+        let path_prefix = if !path_prefix.starts_with('/') {
             e.add(at("match.path_prefix"), "must start with `/`");
-        }
+            path_prefix
+        } else {
+            match crate::path::normalize(path_prefix.as_bytes(), true) {
+                Ok(p) => crate::path::route_path(&p).into_owned(),
+                Err(err) => {
+                    e.add(
+                        at("match.path_prefix"),
+                        format!("not a valid path ({})", err.label()),
+                    );
+                    path_prefix
+                }
+            }
+        };
         if r.upstreams.is_empty() {
             e.add(at("upstreams"), "at least one upstream address is needed");
         }
@@ -1295,7 +1386,7 @@ fn build_routes(raw: &[RawRoute], e: &mut Errors) -> Vec<RouteConfig> {
             let field = format!("routes[{i}].session.headers.{h}");
             if !valid_header_name(h) {
                 e.add(field.clone(), format!("`{h}` is not a valid header name"));
-            } else if crate::directives::is_session_header(&crate::directives::normalized_name(h)) {
+            } else if crate::directives::is_session_header(&crate::headers::folded(h)) {
                 e.add(
                     field.clone(),
                     "names starting with X-Session are reserved for the gateway",
@@ -1374,6 +1465,7 @@ fn build_routes(raw: &[RawRoute], e: &mut Errors) -> Vec<RouteConfig> {
             name,
             host,
             path_prefix,
+            ignore_case: r.matches.ignore_case,
             upstreams,
             read,
             write,
@@ -1454,6 +1546,28 @@ mod tests {
         assert!(e.contains("session.secrets[0]"), "{e}");
         assert!(e.contains("line 2"), "{e}");
         assert!(!e.contains("tooshort-secret-value"), "{e}");
+    }
+
+    #[test]
+    fn misplaced_secret_is_never_echoed() {
+        let secret = "s3cr3t-value-that-must-not-print-0123456789";
+        for session in [
+            format!("session:\n  secrets: \"{secret}\"\n"),
+            format!("session:\n  secrets: [\"{SECRET}\"]\n  encrypt: \"{secret}\"\n"),
+            format!("session:\n  secrets: [\"{SECRET}\"]\n  lifetime: [\"{secret}\"]\n"),
+            format!("session:\n  secrets: [[\"{secret}\"]]\n"),
+        ] {
+            let y = format!("{session}routes:\n  - name: app\n    upstreams: [127.0.0.1:8000]\n");
+            let err = parse(&y).unwrap_err().to_string();
+            assert!(!err.contains(secret), "{err}");
+            assert!(err.contains("session."), "names the field: {err}");
+        }
+        let y = format!("session:\n  secrets: \"{secret}\"\nroutes: []\n");
+        let err = parse(&y).unwrap_err().to_string();
+        assert!(
+            err.contains("session.secrets: invalid type: a string, expected a sequence"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -25,6 +25,11 @@ pub enum SecureMode {
 #[derive(Clone, Debug)]
 pub struct CookieSpec {
     names: [String; 4],
+    /// Every spelling an upstream or a client could use for one of our
+    /// cookies, lower-cased and without a `__Secure-` / `__Host-` prefix:
+    /// `<name>`, `<name>-t`, `<name>-s`, `<name>-st`.
+    bare: [String; 4],
+    pub host_prefix: bool,
     pub path: String,
     pub domain: Option<String>,
     pub same_site: SameSite,
@@ -56,8 +61,16 @@ impl CookieSpec {
                 format!("__Secure-{base}-t"),
             ]
         };
+        let b = base.to_ascii_lowercase();
         CookieSpec {
             names,
+            bare: [
+                b.clone(),
+                format!("{b}-t"),
+                format!("{b}-s"),
+                format!("{b}-st"),
+            ],
+            host_prefix: false,
             path,
             domain,
             same_site,
@@ -66,16 +79,49 @@ impl CookieSpec {
         }
     }
 
+    /// `session.cookie.host_prefix`: every channel named `__Host-<name>…`
+    /// (secure channels `-s` / `-st`), which no sibling subdomain can set.
+    pub fn with_host_prefix(mut self, on: bool) -> CookieSpec {
+        if on {
+            let b = &self.names[0];
+            self.names = [
+                format!("__Host-{b}"),
+                format!("__Host-{b}-t"),
+                format!("__Host-{b}-s"),
+                format!("__Host-{b}-st"),
+            ];
+        }
+        self.host_prefix = on;
+        self
+    }
+
     pub fn name(&self, ch: Channel) -> &str {
         &self.names[ch.index()]
     }
 
-    /// Which channel a cookie name belongs to (case-insensitive, so that an
-    /// upstream cannot slip `GIMLET=` past the filter).
-    pub fn channel_of(&self, name: &str) -> Option<Channel> {
+    /// The channel whose cookie has exactly this name (request cookies:
+    /// browsers send names as they were set).
+    pub fn channel_exact(&self, name: &[u8]) -> Option<Channel> {
         CHANNELS
             .into_iter()
-            .find(|ch| self.names[ch.index()].eq_ignore_ascii_case(name))
+            .find(|ch| self.names[ch.index()].as_bytes() == name)
+    }
+
+    /// Is this one of our cookie names in any spelling: any case, with or
+    /// without a `__Secure-` / `__Host-` prefix, any channel suffix? Used
+    /// to keep the upstream from setting our cookies and to keep our
+    /// cookies from reaching the upstream.
+    pub fn is_ours(&self, name: &[u8]) -> bool {
+        let mut n = trim(name);
+        for prefix in [&b"__secure-"[..], b"__host-"] {
+            if n.len() >= prefix.len() && n[..prefix.len()].eq_ignore_ascii_case(prefix) {
+                n = &n[prefix.len()..];
+                break;
+            }
+        }
+        self.bare
+            .iter()
+            .any(|b| b.as_bytes().eq_ignore_ascii_case(n))
     }
 
     fn secure_attr(&self, ch: Channel, https: bool) -> bool {
@@ -206,7 +252,7 @@ pub fn strip_ours<'a>(
                 .iter()
                 .position(|&b| b == b'=')
                 .map_or(part, |eq| trim(&part[..eq]));
-            if std::str::from_utf8(name).is_ok_and(|n| spec.channel_of(n).is_some()) {
+            if spec.is_ours(name) {
                 continue;
             }
             if !out.is_empty() {
@@ -218,13 +264,21 @@ pub fn strip_ours<'a>(
     (!out.is_empty()).then_some(out)
 }
 
-/// Name of the cookie a `Set-Cookie` line sets.
+/// The name a browser sends back for the cookie a `Set-Cookie` line sets.
+/// A nameless cookie (`=gimlet=A`, or `gimlet` without `=`) is stored with
+/// an empty name and sent back as its value, `gimlet=A`: so its name, as
+/// the app behind a browser will see it, is the value up to its first `=`.
 pub fn set_cookie_name(line: &[u8]) -> &[u8] {
-    let end = line
-        .iter()
-        .position(|&b| b == b'=' || b == b';')
-        .unwrap_or(line.len());
-    trim(&line[..end])
+    let pair = line.split(|&b| b == b';').next().unwrap_or(line);
+    match pair.iter().position(|&b| b == b'=') {
+        Some(eq) if !trim(&pair[..eq]).is_empty() => trim(&pair[..eq]),
+        Some(eq) => {
+            let value = trim(&pair[eq + 1..]);
+            let end = value.iter().position(|&b| b == b'=').unwrap_or(value.len());
+            trim(&value[..end])
+        }
+        None => trim(pair),
+    }
 }
 
 #[cfg(test)]
@@ -249,12 +303,30 @@ mod tests {
         assert_eq!(s.name(Channel::Trans), "gimlet-t");
         assert_eq!(s.name(Channel::SecurePerm), "__Secure-gimlet");
         assert_eq!(s.name(Channel::SecureTrans), "__Secure-gimlet-t");
-        assert_eq!(s.channel_of("GIMLET"), Some(Channel::Perm));
-        assert_eq!(
-            s.channel_of("__secure-gimlet-t"),
-            Some(Channel::SecureTrans)
-        );
-        assert_eq!(s.channel_of("gimlet2"), None);
+        assert_eq!(s.channel_exact(b"gimlet"), Some(Channel::Perm));
+        assert_eq!(s.channel_exact(b"GIMLET"), None);
+        for ours in [
+            "GIMLET",
+            "gimlet-T",
+            "__secure-gimlet-t",
+            "__Host-gimlet",
+            "__HOST-Gimlet-st",
+            " gimlet-s ",
+        ] {
+            assert!(s.is_ours(ours.as_bytes()), "{ours}");
+        }
+        for other in [
+            "gimlet2",
+            "__Secure-__Host-gimlet",
+            "xgimlet",
+            "gimlet-x",
+            "",
+        ] {
+            assert!(!s.is_ours(other.as_bytes()), "{other}");
+        }
+        let h = spec().with_host_prefix(true);
+        assert_eq!(h.name(Channel::Perm), "__Host-gimlet");
+        assert_eq!(h.name(Channel::SecureTrans), "__Host-gimlet-st");
         let d = CookieSpec::new("g", "/".into(), None, SameSite::Lax, SecureMode::Auto, true);
         assert_eq!(d.name(Channel::SecurePerm), "g-s");
         assert_eq!(d.name(Channel::SecureTrans), "g-st");
@@ -300,5 +372,9 @@ mod tests {
         assert_eq!(set_cookie_name(b"gimlet=1; Path=/"), b"gimlet");
         assert_eq!(set_cookie_name(b" other = 2"), b"other");
         assert_eq!(set_cookie_name(b"novalue"), b"novalue");
+        assert_eq!(set_cookie_name(b"=gimlet=A; Path=/account"), b"gimlet");
+        assert_eq!(set_cookie_name(b" = GIMLET-t =A"), b"GIMLET-t");
+        assert_eq!(set_cookie_name(b"=gimlet"), b"gimlet");
+        assert_eq!(set_cookie_name(b"a=b=c"), b"a");
     }
 }

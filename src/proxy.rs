@@ -15,6 +15,7 @@
 use crate::codec::Codec;
 use crate::config::{Config, OnDirectiveError, OnError, OnMissing};
 use crate::directives::{self, DirectiveError, Directives};
+use crate::headers;
 use crate::metrics::Metrics;
 use crate::routes::{Route, Router};
 use crate::session::{Forward, RequestInfo, Session, WriteContext};
@@ -92,6 +93,10 @@ pub struct Ctx {
     state: Arc<State>,
     route: Option<usize>,
     https: bool,
+    /// The client is in `trusted_proxies`.
+    trusted: bool,
+    /// The upstream picked (for our own error lines).
+    peer: Option<std::net::SocketAddr>,
     now: u64,
     start: Instant,
     session: Session,
@@ -214,6 +219,8 @@ impl ProxyHttp for Gateway {
             state: self.shared.state.load_full(),
             route: None,
             https: false,
+            trusted: false,
+            peer: None,
             now: 0,
             start: Instant::now(),
             session: Session::default(),
@@ -231,13 +238,33 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session_, ctx: &mut Ctx) -> Result<bool> {
         ctx.now = crate::now_ms();
         let state = ctx.state.clone();
+        // One path for the gateway and the app: normalized before routing,
+        // and the normalized path is what the upstream receives.
+        let keep = state.config.paths.keep_escaped_separators;
+        let normalized =
+            match crate::path::normalize(session.req_header().uri.path().as_bytes(), keep) {
+                Ok(std::borrow::Cow::Borrowed(_)) => None,
+                Ok(std::borrow::Cow::Owned(p)) => Some(p),
+                Err(e) => {
+                    tracing::info!(reason = e.label(), "request path refused");
+                    let body = format!("bad request path ({})\n", e.label());
+                    respond(session, 400, &body, &[]).await?;
+                    return Ok(true);
+                }
+            };
+        if let Some(p) = normalized {
+            let uri = with_path(&session.req_header().uri, &p)
+                .map_err(|_| Error::explain(InternalError, "normalized path is not a URI"))?;
+            session.req_header_mut().set_uri(uri);
+        }
         let req = session.req_header();
         let host = req.uri.host().or_else(|| {
             req.headers
                 .get(http::header::HOST)
                 .and_then(|h| h.to_str().ok())
         });
-        let Some(idx) = state.router.find(host, req.uri.path()) else {
+        let route_path = crate::path::route_path(req.uri.path());
+        let Some(idx) = state.router.find(host, &route_path) else {
             respond(session, 404, "no route for this host and path\n", &[]).await?;
             return Ok(true);
         };
@@ -250,9 +277,8 @@ impl ProxyHttp for Gateway {
             .headers
             .get("x-forwarded-proto")
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
-        ctx.https = is_tls(session)
-            || settings.dev_insecure
-            || (forwarded_https && trusted(&cfg.trusted_proxies, client_ip(session)));
+        ctx.trusted = trusted(&cfg.trusted_proxies, client_ip(session));
+        ctx.https = is_tls(session) || settings.dev_insecure || (forwarded_https && ctx.trusted);
 
         let req = session.req_header();
         ctx.session = Session::from_cookies(
@@ -372,9 +398,11 @@ impl ProxyHttp for Gateway {
         let route = ctx
             .route()
             .ok_or_else(|| Error::explain(InternalError, "no route"))?;
-        let mut peer = HttpPeer::new(route.pick(), false, String::new());
+        let addr = route.pick();
+        let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.connection_timeout = Some(route.cfg.connect_timeout);
         peer.options.read_timeout = Some(route.cfg.read_timeout);
+        ctx.peer = Some(addr);
         ctx.upstream_start = Some(Instant::now());
         Ok(Box::new(peer))
     }
@@ -389,20 +417,25 @@ impl ProxyHttp for Gateway {
         let route = ctx
             .route()
             .ok_or_else(|| Error::explain(InternalError, "no route"))?;
-        // Spoofable headers: anything in our namespace, any `_` spelling,
-        // the route's mapped names, and the scheme we determine ourselves.
+        let _ = route;
+        // The client's X-Forwarded-For (exact name) is kept and extended;
+        // read it before every spelling of it is stripped below.
+        let prior_xff: Vec<String> = up
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_string))
+            .collect();
+        // Spoofable headers, every spelling an app may read as ours (see
+        // `headers`): our namespace, every route's mapped names, the
+        // forwarding headers we write, and, from clients that are not
+        // trusted proxies, the ones frameworks derive scheme and host from.
+        let mapped = &state.router.mapped_names;
+        let trusted = ctx.trusted;
         let strip: Vec<http::HeaderName> = up
             .headers
             .keys()
-            .filter(|name| {
-                let n = name.as_str().as_bytes();
-                directives::in_session_namespace(n)
-                    || directives::same_name(n, "x-forwarded-proto")
-                    || route
-                        .mapped_names
-                        .iter()
-                        .any(|m| directives::same_name(n, m))
-            })
+            .filter(|name| spoofable(name.as_str().as_bytes(), mapped, trusted))
             .cloned()
             .collect();
         for name in &strip {
@@ -427,18 +460,14 @@ impl ProxyHttp for Gateway {
             if ctx.https { "https" } else { "http" },
         )?;
         if let Some(ip) = client_ip(session) {
-            let prior: Vec<String> = up
-                .headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .filter_map(|v| v.to_str().ok().map(str::to_string))
-                .collect();
-            let value = if prior.is_empty() {
+            let value = if prior_xff.is_empty() {
                 ip.to_string()
             } else {
-                format!("{}, {ip}", prior.join(", "))
+                format!("{}, {ip}", prior_xff.join(", "))
             };
             up.insert_header("x-forwarded-for", value)?;
+        } else if !prior_xff.is_empty() {
+            up.insert_header("x-forwarded-for", prior_xff.join(", "))?;
         }
 
         if let Some(m) = ctx.session.meta {
@@ -467,15 +496,18 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let Some(t) = ctx.upstream_start {
-            ctx.upstream_time = Some(t.elapsed());
+        let interim = is_interim(resp);
+        if !interim {
+            if let Some(t) = ctx.upstream_start {
+                ctx.upstream_time = Some(t.elapsed());
+            }
         }
         let state = ctx.state.clone();
         let settings = &state.config.session.settings;
         let mut names: Vec<http::HeaderName> = Vec::new();
         let mut lines: Vec<(String, Vec<u8>)> = Vec::new();
         for (name, value) in resp.headers.iter() {
-            if directives::in_session_namespace(name.as_str().as_bytes()) {
+            if headers::in_session_namespace(name.as_str().as_bytes()) {
                 if !names.contains(name) {
                     names.push(name.clone());
                 }
@@ -485,10 +517,14 @@ impl ProxyHttp for Gateway {
         for n in &names {
             resp.remove_header(n);
         }
-        ctx.directives = Some(directives::parse(
-            lines.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
-            settings.limits.keys,
-        ));
+        // Only the final response's directives count: a `103 Early Hints`
+        // never reaches the session (browsers ignore its Set-Cookie).
+        if !interim {
+            ctx.directives = Some(directives::parse(
+                lines.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
+                settings.limits.keys,
+            ));
+        }
 
         // The upstream cannot set our cookies.
         let spec = &state.config.session.cookie;
@@ -498,10 +534,8 @@ impl ProxyHttp for Gateway {
             .iter()
             .cloned()
             .collect();
-        let ours = |v: &http::HeaderValue| {
-            std::str::from_utf8(crate::cookie::set_cookie_name(v.as_bytes()))
-                .is_ok_and(|n| spec.channel_of(n).is_some())
-        };
+        let ours =
+            |v: &http::HeaderValue| spec.is_ours(crate::cookie::set_cookie_name(v.as_bytes()));
         if cookies.iter().any(ours) {
             resp.remove_header(&http::header::SET_COOKIE);
             for v in cookies {
@@ -525,6 +559,9 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if is_interim(resp) {
+            return Ok(());
+        }
         let state = ctx.state.clone();
         let Some(idx) = ctx.route else { return Ok(()) };
         let route = &state.router.routes()[idx];
@@ -575,9 +612,11 @@ impl ProxyHttp for Gateway {
                 if route.cfg.on_directive_error == OnDirectiveError::Reject {
                     ctx.answer = Some(LocalAnswer {
                         status: 502,
+                        // The reason label only: the detail names keys, and
+                        // the client must learn nothing of the session.
                         body: format!(
-                            "gimlet: the upstream's session directives were rejected: {}\n",
-                            e.detail
+                            "gimlet: the upstream's session directives were rejected ({})\n",
+                            e.reason
                         ),
                         retry_after: false,
                     });
@@ -663,9 +702,11 @@ impl ProxyHttp for Gateway {
         )
     }
 
-    /// Our own 502/503 answers are logged by us, with their reason.
-    fn suppress_error_log(&self, _session: &Session_, ctx: &Ctx, _error: &Error) -> bool {
-        ctx.answer.is_some()
+    /// pingora's own error line prints the error's context, which can
+    /// quote raw header buffers (`buf: ... X-Session-Set: user=alice ...`):
+    /// it never runs; `fail_to_proxy` logs a sanitized line instead.
+    fn suppress_error_log(&self, _session: &Session_, _ctx: &Ctx, _error: &Error) -> bool {
+        true
     }
 
     /// No downstream modules: the default adds a (disabled) compression
@@ -722,6 +763,15 @@ impl ProxyHttp for Gateway {
                 ErrorSource::Internal | ErrorSource::Unset => 500,
             },
         };
+        // The error type and where it came from, never its context text.
+        tracing::error!(
+            route = ctx.route_name(),
+            peer = ?ctx.peer,
+            status = code,
+            error = e.etype().as_str(),
+            source = e.esource().as_str(),
+            "failed to proxy"
+        );
         if code > 0 {
             let body = match code {
                 502 => "upstream unavailable\n",
@@ -769,6 +819,30 @@ impl ProxyHttp for Gateway {
             error = e.map(|e| e.etype().as_str()),
         );
     }
+}
+
+/// A 1xx response other than `101 Switching Protocols`.
+fn is_interim(resp: &ResponseHeader) -> bool {
+    resp.status.is_informational() && resp.status != http::StatusCode::SWITCHING_PROTOCOLS
+}
+
+/// Must this client request header go before the request is forwarded?
+fn spoofable(name: &[u8], mapped: &[String], trusted: bool) -> bool {
+    headers::in_session_namespace(name)
+        || headers::OURS.iter().any(|o| headers::same_name(name, o))
+        || mapped.iter().any(|m| headers::same_name(name, m))
+        || (!trusted && headers::is_forwarding(name))
+}
+
+/// `uri` with its path replaced (query, scheme and authority kept).
+fn with_path(uri: &http::Uri, path: &str) -> std::result::Result<http::Uri, http::Error> {
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(http::uri::PathAndQuery::try_from(pq)?);
+    Ok(http::Uri::from_parts(parts)?)
 }
 
 static STATUS_LABELS: std::sync::LazyLock<Vec<String>> =

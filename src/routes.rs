@@ -2,15 +2,13 @@
 //! segment boundary; round robin over each route's upstream addresses.
 
 use crate::config::RouteConfig;
-use crate::directives::normalized_name;
+use crate::headers::folded;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub struct Route {
     pub cfg: RouteConfig,
     pub upstreams: Vec<SocketAddr>,
-    /// Normalized names of the route's `headers:` map (stripped from clients).
-    pub mapped_names: Vec<String>,
     next: AtomicUsize,
 }
 
@@ -25,6 +23,10 @@ impl Route {
 pub struct Router {
     /// Routes in match priority order.
     routes: Vec<Route>,
+    /// Folded names of every route's `headers:` map. A client's header of
+    /// any of these names is stripped on *every* route: the app behind a
+    /// route that maps nothing may still read `X-Remote-User`.
+    pub mapped_names: Vec<String>,
 }
 
 enum HostRank {
@@ -63,23 +65,31 @@ impl Router {
                 Route {
                     cfg: c.clone(),
                     upstreams,
-                    mapped_names: c.headers.iter().map(|(h, _)| normalized_name(h)).collect(),
                     next: AtomicUsize::new(0),
                 },
             ));
         }
         routes.sort_by_key(|(k, _)| *k);
+        let mut mapped_names: Vec<String> = cfgs
+            .iter()
+            .flat_map(|c| c.headers.iter().map(|(h, _)| folded(h)))
+            .collect();
+        mapped_names.sort();
+        mapped_names.dedup();
         Ok(Router {
             routes: routes.into_iter().map(|(_, r)| r).collect(),
+            mapped_names,
         })
     }
 
-    /// The route for a request. `host` may carry a port; it is ignored.
     /// The index (into [`Router::routes`]) of the route for a request.
+    /// `host` may carry a port; it is ignored. `path` is the normalized
+    /// path without `;` parameters ([`crate::path::route_path`]).
     pub fn find(&self, host: Option<&str>, path: &str) -> Option<usize> {
         let host = host.map(strip_port);
         self.routes.iter().position(|r| {
-            host_matches(r.cfg.host.as_deref(), host) && prefix_matches(&r.cfg.path_prefix, path)
+            host_matches(r.cfg.host.as_deref(), host)
+                && prefix_matches(&r.cfg.path_prefix, path, r.cfg.ignore_case)
         })
     }
 
@@ -119,8 +129,14 @@ fn host_matches(pattern: Option<&str>, host: Option<&str>) -> bool {
 }
 
 /// `/api` matches `/api` and `/api/x`, not `/apix`.
-fn prefix_matches(prefix: &str, path: &str) -> bool {
-    path.starts_with(prefix)
+fn prefix_matches(prefix: &str, path: &str, ignore_case: bool) -> bool {
+    let head = path.as_bytes().get(..prefix.len());
+    let starts = match head {
+        Some(h) if ignore_case => h.eq_ignore_ascii_case(prefix.as_bytes()),
+        Some(h) => h == prefix.as_bytes(),
+        None => false,
+    };
+    starts
         && (prefix.ends_with('/')
             || path.len() == prefix.len()
             || path.as_bytes()[prefix.len()] == b'/')
@@ -138,6 +154,7 @@ mod tests {
             name: name.into(),
             host: host.map(Into::into),
             path_prefix: prefix.into(),
+            ignore_case: false,
             upstreams: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
             read: KeySet::All,
             write: KeySet::All,
@@ -192,8 +209,12 @@ mod tests {
         assert_eq!(strip_port("a.b:80"), "a.b");
         assert_eq!(strip_port("[::1]:80"), "::1");
         assert_eq!(strip_port("a.b"), "a.b");
-        assert!(prefix_matches("/", "/anything"));
-        assert!(prefix_matches("/api/", "/api/x"));
-        assert!(!prefix_matches("/api/", "/api"));
+        assert!(prefix_matches("/", "/anything", false));
+        assert!(prefix_matches("/api/", "/api/x", false));
+        assert!(!prefix_matches("/api/", "/api", false));
+        assert!(!prefix_matches("/account", "/ACCOUNT/x", false));
+        assert!(prefix_matches("/account", "/ACCOUNT/x", true));
+        assert!(!prefix_matches("/account", "/ACCOUNTS", true));
+        assert!(!prefix_matches("/account", "/acc", true));
     }
 }

@@ -114,11 +114,16 @@ async fn commands_per_request() {
         ("1", "2", "3")
     );
 
-    // A write on a route that reads nothing from the store: the write only.
+    // A clientside write on a route that reads nothing from the store: no
+    // read, and one EVALSHA that checks the session limits over the store
+    // data this request did not read (SPEC section 1; issue 8 item 12).
     r.reset_stats();
     b.get("/ro?x", &[]).await;
     b.get("/cart", &[("X-Session-Set", "cart=fig")]).await;
-    assert_eq!(total(&r.commandstats()), 0);
+    let s = r.commandstats();
+    assert_eq!(s.get("evalsha"), Some(&1), "{s:?}");
+    assert_eq!(s.get("hgetall"), None, "{s:?}");
+    assert_eq!(s.get("hset"), None, "a limit check writes nothing: {s:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -215,7 +220,7 @@ async fn incr_errors_and_limits_are_atomic_in_redis() {
     let mut b = Browser::new(&g);
     b.get("/", &[("X-Session-Set", "word=hi&big=9223372036854775807")])
         .await;
-    for (d, reason) in [("word=1", "not an integer"), ("big=1", "64-bit")] {
+    for (d, reason) in [("word=1", "not_integer"), ("big=1", "overflow")] {
         let resp = b
             .get(
                 "/",
@@ -231,7 +236,7 @@ async fn incr_errors_and_limits_are_atomic_in_redis() {
     // Limits: 2 keys + 3 more > 4.
     let resp = b.get("/", &[("X-Session-Set", "c=1&d=2&e=3")]).await;
     assert_eq!(resp.status, 502);
-    assert!(resp.body.contains("limits.keys"), "{}", resp.body);
+    assert!(resp.body.contains("too_many_keys"), "{}", resp.body);
     assert_eq!(
         b.get("/", &[("X-Session-Set", "c=1&d=2")]).await.status,
         200
@@ -398,7 +403,7 @@ async fn redis_down_degrade_mode() {
     // Server-side writes are refused; clientside ones still work.
     let resp = b.get("/", &[("X-Session-Set", "user=mallory")]).await;
     assert_eq!(resp.status, 502);
-    assert!(resp.body.contains("unavailable"), "{}", resp.body);
+    assert!(resp.body.contains("store_unavailable"), "{}", resp.body);
     assert_eq!(
         b.get("/", &[("X-Session-Set", "cart=fig")]).await.status,
         200

@@ -163,6 +163,14 @@ impl KeyPolicies {
     pub fn for_read(&self, key: &str) -> Policy {
         self.for_write(key).unwrap_or(self.fallback)
     }
+
+    /// Could any key live in a secure channel? (Over plain HTTP the secure
+    /// cookies are not sent, so their store data cannot be ruled out.)
+    pub fn any_secure(&self) -> bool {
+        self.declared.values().any(|p| p.secure)
+            || self.undeclared.is_some_and(|p| p.secure)
+            || self.fallback.secure
+    }
 }
 
 /// `^[A-Za-z0-9_.-]{1,64}$`
@@ -358,6 +366,19 @@ impl Session {
     /// Store flags (`FLAG_*`) of a channel as the request cookie said.
     pub fn flags(&self, ch: Channel) -> u8 {
         self.cookies[ch.index()].as_ref().map_or(0, |p| p.flags)
+    }
+
+    /// Might the store hold data of this session that the request's cookies
+    /// do not vouch for? A cookie that says so, or (over plain HTTP, when
+    /// secure keys exist) a secure channel whose cookie was not sent.
+    pub fn may_have_store_data(&self, settings: &Settings, https: bool) -> bool {
+        settings.has_store
+            && (self
+                .cookies
+                .iter()
+                .flatten()
+                .any(|p| p.flags & FLAG_STORE != 0)
+                || (!https && settings.policies.any_secure()))
     }
 }
 

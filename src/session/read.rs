@@ -54,10 +54,7 @@ impl Session {
         let mut rejected = [false; 4];
         for h in headers {
             for (name, value) in cookie::pairs(h) {
-                let Some(ch) = CHANNELS
-                    .into_iter()
-                    .find(|ch| spec.name(*ch).as_bytes() == name)
-                else {
+                let Some(ch) = spec.channel_exact(name) else {
                     continue;
                 };
                 if (ch.secure() && !req.https) || s.cookies[ch.index()].is_some() {
@@ -78,9 +75,22 @@ impl Session {
                 }
             }
         }
-        // The first valid cookie in channel order names the session; a cookie
-        // of another session (a stale leftover) is dropped and cleared.
-        let primary = s.cookies.iter().flatten().next().map(|p| (p.id, p.tag));
+        // One request, one session. The first valid cookie names it; on
+        // HTTPS the secure channels are asked first, because a plain cookie
+        // can be planted over HTTP or by a sibling subdomain while a
+        // `__Secure-` one cannot. A cookie of another session (a stale
+        // leftover or a planted one) is dropped and cleared.
+        const HTTPS_ORDER: [Channel; 4] = [
+            Channel::SecurePerm,
+            Channel::SecureTrans,
+            Channel::Perm,
+            Channel::Trans,
+        ];
+        let order = if req.https { HTTPS_ORDER } else { CHANNELS };
+        let primary = order
+            .iter()
+            .find_map(|ch| s.cookies[ch.index()].as_ref())
+            .map(|p| (p.id, p.tag));
         let mut meta: Option<Meta> = None;
         for ch in CHANNELS {
             let i = ch.index();

@@ -195,13 +195,18 @@ impl Session {
         let mut out = Outcome::default();
         let mut batch_destroy = None;
         let mut rename_from = None;
-        let had_store_data = |w: &Work| w.flags.iter().any(|f| f & FLAG_STORE != 0);
+        // Destroy and Regenerate act on every channel of the id in the
+        // store, whichever cookies arrived: over plain HTTP the secure
+        // cookies are not sent, and a channel's cookie may be gone (a
+        // closed browser) while its data is not. (Under `degrade` with
+        // possible store data, `validate` has refused them already.)
+        let store_ok = s.has_store && !self.degraded;
 
         // Destroy: forget everything; a later Set starts a new session.
         if d.destroy {
             out.applied[4] += 1;
             if let Some(m) = meta.take() {
-                if had_store_data(&w) && !self.degraded {
+                if store_ok {
                     batch_destroy = Some(StoreKey {
                         id: m.id,
                         tag: m.tag,
@@ -225,15 +230,16 @@ impl Session {
         if d.regenerate {
             out.applied[3] += 1;
             if let Some(m) = &mut meta {
-                if had_store_data(&w) && !self.degraded {
+                if store_ok {
                     rename_from = Some(m.id);
                     // Store data of a channel whose cookie the browser no
                     // longer holds (a closed browser's transient keys) is
                     // stale: it must not follow the session to its new id.
-                    // Secure cookies are invisible over plain HTTP, so their
-                    // channels are only judged on HTTPS.
+                    // Over plain HTTP the secure cookies are not sent and a
+                    // new one cannot be set, so secure data cannot follow
+                    // either: the old id's is dropped with the rest.
                     for ch in CHANNELS {
-                        if !w.present[ch.index()] && (cx.https || !ch.secure()) {
+                        if !w.present[ch.index()] {
                             w.ops[ch.index()].clear = true;
                         }
                     }
@@ -322,7 +328,7 @@ impl Session {
         if meta.is_none() {
             if !wrote {
                 // Nothing to keep: Deletes on no session, or a bare Destroy.
-                return self.finish(cx, out, None, clear, w, batch_destroy, None, false);
+                return self.finish(cx, out, None, clear, w, batch_destroy, None, false, None);
             }
             let m = Meta {
                 id: SessionId::random(),
@@ -342,7 +348,7 @@ impl Session {
             self.normalize(&mut w, cx);
         }
         self.spill(&mut w, cx)?;
-        let limits = self.check_limits(&w, cx)?;
+        let limits = self.check_limits(&w, cx, wrote && store_ok, out.destroyed)?;
 
         // A channel that gains store data records it in its cookie; a cookie
         // that did not exist yet for an existing session must not pick up
@@ -365,7 +371,7 @@ impl Session {
             m.touched = cx.now;
         }
         let meta = *m;
-        let mut outcome = self.finish(
+        self.finish(
             cx,
             out,
             Some(meta),
@@ -374,11 +380,8 @@ impl Session {
             batch_destroy,
             rename_from,
             touch,
-        )?;
-        if let Some(b) = &mut outcome.batch {
-            b.limits = limits;
-        }
-        Ok(outcome)
+            limits,
+        )
     }
 
     fn validate(&self, d: &Directives, cx: &WriteContext) -> Result<(), DirectiveError> {
@@ -390,10 +393,17 @@ impl Session {
                 format!("X-Session-{which}: this route may not write the session (write: none)"),
             ));
         }
-        if d.regenerate && self.degraded && self.flags_any(FLAG_STORE) && !d.destroy {
+        // A logout (or a login's id change) is never reported done while
+        // the old id's server-side data lives on.
+        if (d.destroy || d.regenerate)
+            && self.meta.is_some()
+            && self.degraded
+            && self.may_have_store_data(s, cx.https)
+        {
+            let which = if d.destroy { "Destroy" } else { "Regenerate" };
             return Err(err(
                 "store_unavailable",
-                "X-Session-Regenerate: the session store is unavailable".into(),
+                format!("X-Session-{which}: the session store is unavailable and the session has server-side data"),
             ));
         }
         let keys = d
@@ -430,10 +440,6 @@ impl Session {
             }
         }
         Ok(())
-    }
-
-    fn flags_any(&self, flag: u8) -> bool {
-        self.cookies.iter().flatten().any(|p| p.flags & flag != 0)
     }
 
     /// Move values found where their current policy does not put them.
@@ -545,11 +551,16 @@ impl Session {
     }
 
     /// Check `limits.keys` / `limits.session_bytes` over what is known, and
-    /// hand the store a check for what only it knows.
+    /// hand the store a check for what only it knows: whenever the store
+    /// gains data, and whenever a write (clientside ones included) grows a
+    /// session whose store data this request did not read — otherwise a
+    /// route that reads nothing could grow a session past its limits.
     fn check_limits(
         &self,
         w: &Work,
         cx: &WriteContext,
+        grows: bool,
+        destroyed: bool,
     ) -> Result<Option<LimitCheck>, DirectiveError> {
         let l = cx.settings.limits;
         let client_keys: usize = w.vals.iter().map(|m| m.len()).sum();
@@ -573,7 +584,9 @@ impl Session {
             }
         }
         known.check(&check)?;
-        if w.ops.iter().any(|o| o.adds()) {
+        let unread = (0..4).any(|i| w.flags[i] & FLAG_STORE != 0 && w.stored[i].is_none())
+            || (!cx.https && !destroyed && cx.settings.policies.any_secure());
+        if w.ops.iter().any(|o| o.adds()) || (grows && unread) {
             Ok(Some(check))
         } else {
             Ok(None)
@@ -591,6 +604,7 @@ impl Session {
         batch_destroy: Option<StoreKey>,
         rename_from: Option<SessionId>,
         touch: bool,
+        limits: Option<LimitCheck>,
     ) -> Result<Outcome, DirectiveError> {
         let s = cx.settings;
         out.meta = meta;
@@ -642,9 +656,13 @@ impl Session {
 
         let store_touch = touch && !self.degraded && w.flags.iter().any(|f| f & FLAG_STORE != 0);
         let has_ops = w.ops.iter().any(|o| !o.is_empty());
-        if let Some(m) = meta
-            .filter(|_| has_ops || rename_from.is_some() || batch_destroy.is_some() || store_touch)
-        {
+        if let Some(m) = meta.filter(|_| {
+            has_ops
+                || rename_from.is_some()
+                || batch_destroy.is_some()
+                || store_touch
+                || limits.is_some()
+        }) {
             let expire_at = match s.idle_timeout {
                 Some(idle) => m.expires.min(m.touched.saturating_add(idle)),
                 None => m.expires,
@@ -659,6 +677,7 @@ impl Session {
             b.destroy = batch_destroy;
             b.rename_from = rename_from;
             b.channels = w.ops;
+            b.limits = limits;
             out.batch = Some(b);
         } else if let Some(old) = batch_destroy {
             let mut b = WriteBatch::new(old, 0);

@@ -1,0 +1,105 @@
+//! Header names as the apps behind us read them (SPEC section 3).
+//!
+//! PHP (every SAPI), CGI, WSGI and Rack do not see `X-Remote-User`: they see
+//! `HTTP_X_REMOTE_USER`, which `X_Remote_User`, `X.Remote.User` and
+//! `x remote user` all become as well. So every check of a request header
+//! name against a name the gateway owns compares *folded* names: ASCII
+//! letters lower-cased, digits kept, and every other byte read as `-`. This
+//! module is the one place that fold is written; the proxy, the directive
+//! parser and config validation all call it.
+
+/// One byte of a folded name.
+#[inline]
+pub fn fold_byte(b: u8) -> u8 {
+    if b.is_ascii_alphanumeric() {
+        b.to_ascii_lowercase()
+    } else {
+        b'-'
+    }
+}
+
+/// The folded form of a name (for names compared many times: build once).
+pub fn folded(name: &str) -> String {
+    name.bytes().map(|b| fold_byte(b) as char).collect()
+}
+
+/// Does a raw header name, folded, start with `x-session`? No allocation:
+/// this runs on every header of every request and response.
+#[inline]
+pub fn in_session_namespace(name: &[u8]) -> bool {
+    starts_with_folded(name, b"x-session")
+}
+
+/// Does a raw name, folded, start with the already folded `prefix`?
+#[inline]
+pub fn starts_with_folded(name: &[u8], prefix: &[u8]) -> bool {
+    name.len() >= prefix.len() && name.iter().zip(prefix).all(|(a, b)| fold_byte(*a) == *b)
+}
+
+/// Is a raw header name, folded, equal to an already folded one?
+#[inline]
+pub fn same_name(name: &[u8], folded: &str) -> bool {
+    name.len() == folded.len()
+        && name
+            .iter()
+            .zip(folded.bytes())
+            .all(|(a, b)| fold_byte(*a) == b)
+}
+
+/// Headers that frameworks derive the scheme, host, port or client address
+/// from (Rack, Django, Rails, Spring, Express `trust proxy`, PHP apps
+/// reading `$_SERVER`). From a client outside `trusted_proxies` they are
+/// removed in every spelling; from a trusted proxy they pass. Folded.
+pub const FORWARDING: [&str; 8] = [
+    "forwarded",
+    "x-forwarded-host",
+    "x-forwarded-port",
+    "x-forwarded-ssl",
+    "x-forwarded-scheme",
+    "x-url-scheme",
+    "front-end-https",
+    "x-real-ip",
+];
+
+/// Is this raw name one of [`FORWARDING`], in any spelling?
+pub fn is_forwarding(name: &[u8]) -> bool {
+    FORWARDING.iter().any(|f| same_name(name, f))
+}
+
+/// Headers the gateway always writes itself: every spelling the client
+/// sent is removed (a `X_Forwarded_Proto: https` next to ours would win in
+/// `$_SERVER`), then ours is added. Folded.
+pub const OURS: [&str; 2] = ["x-forwarded-proto", "x-forwarded-for"];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `tchar` of RFC 9110 that is not a letter or digit.
+    pub const SEPARATORS: &[u8] = b"!#$%&'*+-.^_`|~";
+
+    #[test]
+    fn every_separator_folds_to_dash() {
+        for &sep in SEPARATORS {
+            let s = sep as char;
+            let name = format!("X{s}Session{s}Set");
+            assert!(in_session_namespace(name.as_bytes()), "{name}");
+            let user = format!("x{s}REMOTE{s}user");
+            assert!(same_name(user.as_bytes(), "x-remote-user"), "{user}");
+            assert!(is_forwarding(format!("X{s}Forwarded{s}Host").as_bytes()));
+        }
+        // Space, as PHP also reads it.
+        assert!(in_session_namespace(b"x session"));
+        assert_eq!(folded("X.Remote_User"), "x-remote-user");
+    }
+
+    #[test]
+    fn near_misses_are_not_ours() {
+        for n in ["x-sessio", "x-ession", "accept", "xsession", "x--session"] {
+            assert!(!in_session_namespace(n.as_bytes()), "{n}");
+        }
+        assert!(!same_name(b"X-Remote-Users", "x-remote-user"));
+        assert!(!same_name(b"X-Remote-Use", "x-remote-user"));
+        assert!(!is_forwarding(b"x-forwarded-hostname"));
+    }
+}
