@@ -2,7 +2,7 @@
 #   make demo   run the gateway on the embedded store in front of the demo app
 #   make test   run every test (unit, integration, Redis; real processes)
 # Both install what a fresh Debian machine lacks first (cmake for pingora,
-# redis-server and redis-tools for the Redis tests).
+# redis-server and redis-tools for the Redis tests, php-cli for the PHP check).
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -13,6 +13,7 @@ deps:
 	command -v cmake >/dev/null || missing="$$missing cmake"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v redis-cli >/dev/null || missing="$$missing redis-tools"; \
+	command -v php >/dev/null || missing="$$missing php-cli"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \

@@ -297,6 +297,45 @@ mod tests {
         }
     }
 
+    /// The fuzz target's property (fuzz/fuzz_targets/path.rs), checked
+    /// exhaustively over every path of up to 6 bytes (a `/` and 5 more) from the bytes that
+    /// matter: idempotent, and no `//`, `/./`, `/../` or trailing dot segment.
+    #[test]
+    fn exhaustive_short_paths() {
+        const ALPHABET: &[u8] = b"/.%2eE;aF5c\\";
+        let mut checked = 0;
+        let mut stack: Vec<Vec<u8>> = vec![b"/".to_vec()];
+        while let Some(p) = stack.pop() {
+            for keep in [false, true] {
+                if let Ok(once) = normalize(&p, keep) {
+                    for bad in ["//", "/./", "/../"] {
+                        assert!(!once.contains(bad), "{p:?} -> {once}");
+                    }
+                    assert!(
+                        !once.ends_with("/.") && !once.ends_with("/.."),
+                        "{p:?} -> {once}"
+                    );
+                    assert!(
+                        !once.to_ascii_lowercase().contains("%2e"),
+                        "{p:?} -> {once}"
+                    );
+                    assert_eq!(normalize(once.as_bytes(), keep).unwrap(), once, "{p:?}");
+                    let r = route_path(&once);
+                    assert!(!r.contains("//") && !r.contains(';'), "{p:?} -> {r}");
+                    checked += 1;
+                }
+            }
+            if p.len() < 6 {
+                for &b in ALPHABET {
+                    let mut q = p.clone();
+                    q.push(b);
+                    stack.push(q);
+                }
+            }
+        }
+        assert!(checked > 100_000, "{checked}");
+    }
+
     #[test]
     fn already_normal_is_borrowed() {
         assert!(matches!(

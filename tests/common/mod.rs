@@ -102,7 +102,8 @@ async fn echo(
             _ => {}
         }
     }
-    let body = serde_json::json!({ "method": method, "path": path, "headers": headers });
+    let body =
+        serde_json::json!({ "method": method, "path": path, "query": query, "headers": headers });
     Ok(resp
         .status(status)
         .header("content-type", "application/json")
@@ -565,6 +566,25 @@ impl RedisServer {
         }
     }
 
+    /// SIGSTOP: the server holds its data but answers nothing.
+    pub fn pause(&self) {
+        self.signal("STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig}");
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -664,4 +684,144 @@ pub fn failed_reads(metrics: &str) -> f64 {
         metrics,
         "gimlet_store_operations_total{op=\"read\",result=\"timeout\"}",
     )
+}
+
+/// One HTTP/1.1 request written byte for byte (paths and header names that
+/// reqwest would normalize or refuse), read to the end (`Connection: close`).
+pub fn raw_request(addr: SocketAddr, head: &str) -> Resp {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    parse_raw_response(&buf)
+}
+
+/// `GET target` with extra header lines (each `Name: value`).
+pub fn raw_get(addr: SocketAddr, target: &str, headers: &[String]) -> Resp {
+    let mut head = format!("GET {target} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n");
+    for h in headers {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    raw_request(addr, &head)
+}
+
+/// The last response in `buf` (interim 1xx responses skipped, kept in
+/// `headers` as `(":interim", status)` entries followed by their fields).
+pub fn parse_raw_response(buf: &[u8]) -> Resp {
+    let mut rest = buf;
+    let mut interim: Vec<(String, String)> = Vec::new();
+    loop {
+        let mut hs = [httparse::EMPTY_HEADER; 64];
+        let mut r = httparse::Response::new(&mut hs);
+        let n = match r.parse(rest) {
+            Ok(httparse::Status::Complete(n)) => n,
+            _ => {
+                return Resp {
+                    status: 0,
+                    headers: interim,
+                    set_cookies: vec![],
+                    body: String::from_utf8_lossy(rest).into_owned(),
+                }
+            }
+        };
+        let status = r.code.unwrap();
+        let headers: Vec<(String, String)> = r
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_ascii_lowercase(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .collect();
+        rest = &rest[n..];
+        if (100..200).contains(&status) && status != 101 {
+            interim.push((":interim".into(), status.to_string()));
+            interim.extend(headers);
+            continue;
+        }
+        let chunked = headers
+            .iter()
+            .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+        let body = if chunked {
+            dechunk(rest)
+        } else {
+            rest.to_vec()
+        };
+        let set_cookies = headers
+            .iter()
+            .filter(|(n, _)| n == "set-cookie")
+            .map(|(_, v)| v.clone())
+            .collect();
+        let mut all = interim;
+        all.extend(headers);
+        return Resp {
+            status,
+            headers: all,
+            set_cookies,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        };
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size = usize::from_str_radix(
+            std::str::from_utf8(&b[..eol])
+                .unwrap()
+                .split(';')
+                .next()
+                .unwrap()
+                .trim(),
+            16,
+        )
+        .unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        b = &b[eol + 2..];
+        out.extend_from_slice(&b[..size.min(b.len())]);
+        b = &b[(size + 2).min(b.len())..];
+    }
+}
+
+/// An upstream that answers every request with the same raw bytes (for
+/// responses no HTTP library would write: broken header lines, 1xx).
+pub struct RawUpstream {
+    pub addr: SocketAddr,
+}
+
+impl RawUpstream {
+    pub fn start(response: &'static [u8]) -> RawUpstream {
+        use std::io::{Read, Write};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut c) = conn else { continue };
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 8192];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match c.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = c.write_all(response);
+                    let _ = c.flush();
+                });
+            }
+        });
+        RawUpstream { addr }
+    }
 }
