@@ -185,23 +185,9 @@ fn collect_yaml(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn demo_serves_the_app_on_the_embedded_store() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut child = Command::new(bin())
-        .args(["demo", "--listen", &listen, "--data"])
-        .arg(dir.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_port(listen.parse().unwrap());
+    let demo = Demo::start();
     let c = client();
-    let base = format!("http://{listen}");
+    let base = &demo.base;
     let r = send(&c, c.get(format!("{base}/"))).await;
     assert_eq!(r.status, 200);
     assert!(r.body.contains("Gimlet demo"));
@@ -235,7 +221,5 @@ async fn demo_serves_the_app_on_the_embedded_store() {
     assert!(r.body.contains("<b>1</b>"), "counter: {}", r.body);
     let r = send(&c, c.get(format!("{base}/account"))).await;
     assert_eq!(r.status, 302);
-    assert!(dir.path().join("sessions.redb").exists());
-    let _ = child.kill();
-    let _ = child.wait();
+    assert!(demo.dir.path().join("sessions.redb").exists());
 }

@@ -118,18 +118,9 @@ async fn forged_identity_headers_never_reach_the_app() {
 // 2, as shipped: the demo's account page.
 #[tokio::test(flavor = "multi_thread")]
 async fn demo_account_page_cannot_be_told_another_user() {
-    let dir = tempfile::tempdir().unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let mut child = std::process::Command::new(bin())
-        .args(["demo", "--listen", &listen, "--data"])
-        .arg(dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_port(listen.parse().unwrap());
+    let demo = Demo::start();
     let c = client();
-    let base = format!("http://{listen}");
+    let base = &demo.base;
     let r = send(
         &c,
         c.post(format!("{base}/login"))
@@ -158,8 +149,6 @@ async fn demo_account_page_cannot_be_told_another_user() {
             assert!(!r.body.contains("alice"), "{forged} {path}: {}", r.body);
         }
     }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 // 3. Path tricks: every dot-segment, double-slash and escape form.

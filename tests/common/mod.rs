@@ -825,3 +825,37 @@ impl RawUpstream {
         RawUpstream { addr }
     }
 }
+
+/// `gimlet demo` on a free port with its data in a temp dir; killed on drop.
+pub struct Demo {
+    pub base: String,
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Demo {
+    pub fn start() -> Demo {
+        let dir = tempfile::tempdir().unwrap();
+        let listen = format!("127.0.0.1:{}", free_port());
+        let child = Command::new(bin())
+            .args(["demo", "--listen", &listen, "--data"])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_port(listen.parse().unwrap());
+        Demo {
+            base: format!("http://{listen}"),
+            dir,
+            child,
+        }
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
