@@ -603,9 +603,9 @@ impl Errors<'_> {
         let path = path.into();
         let line = self.index.line(&path);
         self.list.push(ConfigError {
-            path,
+            path: scrub_path(&path),
             line,
-            message: message.into(),
+            message: scrub(&message.into()),
         });
     }
 }
@@ -663,17 +663,66 @@ fn serde_error(e: &serde_yaml::Error, index: &LineIndex) -> ConfigError {
     // serde quotes the offending value (`invalid type: string "..."`): a
     // secret written where a list belongs must not reach a terminal or a
     // log. Name the field and the kind of value, never the value.
-    let message = redact_quoted(&message);
+    let message = scrub(&redact_quoted(&message));
     // Custom errors carry the container's path; name the field on that line.
     let path = match line.and_then(|l| index.field_on_line(&path, l)) {
         Some(p) if p.len() > path.len() => p.to_string(),
         _ => path,
     };
     ConfigError {
-        path,
+        path: scrub_path(&path),
         line,
         message,
     }
+}
+
+/// A value this long could be a secret (the shortest allowed is 32
+/// characters): errors name it by its length, never show it.
+const SHOWN_MAX: usize = 31;
+
+/// Every `` `quoted` `` value of more than [`SHOWN_MAX`] characters becomes
+/// `a value of N characters`. Messages quote what was written in backticks
+/// (``invalid duration `…` ``, serde's ``unknown field `…` ``), so a secret
+/// pasted into the wrong field is named, never echoed.
+fn scrub(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    while let Some(open) = rest.find('`') {
+        let Some(len) = rest[open + 1..].find('`') else {
+            break;
+        };
+        let token = &rest[open + 1..open + 1 + len];
+        out.push_str(&rest[..open]);
+        let n = token.chars().count();
+        if n > SHOWN_MAX {
+            out.push_str(&format!("a value of {n} characters"));
+        } else {
+            out.push('`');
+            out.push_str(token);
+            out.push('`');
+        }
+        rest = &rest[open + len + 2..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A field path whose parts are keys the user wrote (`session.<key>`):
+/// overlong parts are named by their length, like values.
+fn scrub_path(path: &str) -> String {
+    path.split('.')
+        .map(|part| {
+            // `routes[3]`: judge the key, keep the index.
+            let (key, index) = part.split_at(part.find('[').unwrap_or(part.len()));
+            let n = key.chars().count();
+            if n > SHOWN_MAX {
+                format!("<{n}-character key>{index}")
+            } else {
+                part.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 /// `invalid type: string "s3cr3t", expected a sequence` ->
@@ -1561,6 +1610,29 @@ mod tests {
             let err = parse(&y).unwrap_err().to_string();
             assert!(!err.contains(secret), "{err}");
             assert!(err.contains("session."), "names the field: {err}");
+        }
+        // Backtick-quoted values and keys, serde's and ours.
+        for session in [
+            "  secrets: [\"{S}\"]\n  lifetime: {V}\n".to_string(),
+            "  secrets: [\"{S}\"]\n  cookie: {{ same_site: {V} }}\n".to_string(),
+            "  secrets: [\"{S}\"]\n  undeclared_keys: {V}\n".to_string(),
+            "  secrets: [\"{S}\"]\n  cookie: {{ name: \"{V} x\" }}\n".to_string(),
+            "  secrets: [\"{S}\"]\n  {V}: 1\n".to_string(),
+            "  secrets: {{ {V}: 1 }}\n".to_string(),
+            "  secrets: [{{ {V}: 1 }}]\n".to_string(),
+            "  secrets: 12345678901234567890123456789012345\n".to_string(),
+        ] {
+            let session = session.replace("{S}", SECRET).replace("{V}", secret);
+            let y = format!(
+                "session:\n{session}routes:\n  - name: app\n    upstreams: [127.0.0.1:8000]\n"
+            );
+            let err = parse(&y).unwrap_err().to_string();
+            assert!(!err.contains(secret), "{err}");
+            assert!(
+                !err.contains("12345678901234567890123456789012345"),
+                "{err}"
+            );
+            assert!(err.contains("session"), "names the field: {err}");
         }
         let y = format!("session:\n  secrets: \"{secret}\"\nroutes: []\n");
         let err = parse(&y).unwrap_err().to_string();

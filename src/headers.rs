@@ -46,11 +46,13 @@ pub fn same_name(name: &[u8], folded: &str) -> bool {
             .all(|(a, b)| fold_byte(*a) == b)
 }
 
-/// Headers that frameworks derive the scheme, host, port or client address
-/// from (Rack, Django, Rails, Spring, Express `trust proxy`, PHP apps
+/// Headers that frameworks derive the scheme, host, port, prefix or client
+/// address from (Rack, Django, Rails, Spring, Express `trust proxy`, PHP apps
 /// reading `$_SERVER`). From a client outside `trusted_proxies` they are
-/// removed in every spelling; from a trusted proxy they pass. Folded.
-pub const FORWARDING: [&str; 8] = [
+/// removed in every spelling; from a trusted proxy they pass. Folded. The
+/// first eight are SPEC section 3's list; the rest are the same kind of
+/// header under the names other proxies use.
+pub const FORWARDING: [&str; 17] = [
     "forwarded",
     "x-forwarded-host",
     "x-forwarded-port",
@@ -59,11 +61,32 @@ pub const FORWARDING: [&str; 8] = [
     "x-url-scheme",
     "front-end-https",
     "x-real-ip",
+    "x-forwarded-protocol",
+    "x-forwarded-server",
+    "x-forwarded-prefix",
+    "x-forwarded-uri",
+    "x-host",
+    "x-original-host",
+    "x-client-ip",
+    "true-client-ip",
+    "x-cluster-client-ip",
 ];
+
+/// Headers some frameworks route on instead of the request line (Zend
+/// Framework, Symfony before CVE-2018-14773, IIS rewrite setups): a gate on
+/// `/account` means nothing if `GET /login` with `X-Original-URL: /account`
+/// is served as the account page. Removed from every client, trusted or not:
+/// the gateway routes on the request line, so the app must too. Folded.
+pub const PATH_OVERRIDES: [&str; 3] = ["x-original-url", "x-rewrite-url", "x-original-uri"];
 
 /// Is this raw name one of [`FORWARDING`], in any spelling?
 pub fn is_forwarding(name: &[u8]) -> bool {
     FORWARDING.iter().any(|f| same_name(name, f))
+}
+
+/// Is this raw name one of [`PATH_OVERRIDES`], in any spelling?
+pub fn is_path_override(name: &[u8]) -> bool {
+    PATH_OVERRIDES.iter().any(|f| same_name(name, f))
 }
 
 /// Headers the gateway always writes itself: every spelling the client
@@ -87,6 +110,7 @@ mod tests {
             let user = format!("x{s}REMOTE{s}user");
             assert!(same_name(user.as_bytes(), "x-remote-user"), "{user}");
             assert!(is_forwarding(format!("X{s}Forwarded{s}Host").as_bytes()));
+            assert!(is_path_override(format!("x{s}original{s}URL").as_bytes()));
         }
         // Space, as PHP also reads it.
         assert!(in_session_namespace(b"x session"));

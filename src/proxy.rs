@@ -240,22 +240,38 @@ impl ProxyHttp for Gateway {
         let state = ctx.state.clone();
         // One path for the gateway and the app: normalized before routing,
         // and the normalized path is what the upstream receives.
+        // The raw target is judged, not the parsed URI: pingora leaves the
+        // URI at `/` for targets it cannot classify and keeps their bytes
+        // for the wire.
         let keep = state.config.paths.keep_escaped_separators;
-        let normalized =
-            match crate::path::normalize(session.req_header().uri.path().as_bytes(), keep) {
-                Ok(std::borrow::Cow::Borrowed(_)) => None,
-                Ok(std::borrow::Cow::Owned(p)) => Some(p),
-                Err(e) => {
-                    tracing::info!(reason = e.label(), "request path refused");
-                    let body = format!("bad request path ({})\n", e.label());
-                    respond(session, 400, &body, &[]).await?;
-                    return Ok(true);
-                }
-            };
-        if let Some(p) = normalized {
-            let uri = with_path(&session.req_header().uri, &p)
-                .map_err(|_| Error::explain(InternalError, "normalized path is not a URI"))?;
-            session.req_header_mut().set_uri(uri);
+        let target = match judge_target(session.req_header().raw_path(), keep) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::info!(reason = e.label(), "request target refused");
+                let body = format!("bad request path ({})\n", e.label());
+                respond(session, 400, &body, &[]).await?;
+                return Ok(true);
+            }
+        };
+        if let Some(t) = &target.rewrite {
+            session
+                .req_header_mut()
+                .set_raw_path(t)
+                .map_err(|_| Error::explain(InternalError, "normalized target refused"))?;
+        }
+        if let Some(a) = target.authority {
+            // An absolute-form target names the host (pingora has checked
+            // that a Host header, if any, agrees): route on it, and keep it
+            // as the Host the upstream receives.
+            if !session
+                .req_header()
+                .headers
+                .contains_key(http::header::HOST)
+            {
+                session
+                    .req_header_mut()
+                    .insert_header(http::header::HOST, a)?;
+            }
         }
         let req = session.req_header();
         let host = req.uri.host().or_else(|| {
@@ -831,18 +847,64 @@ fn spoofable(name: &[u8], mapped: &[String], trusted: bool) -> bool {
     headers::in_session_namespace(name)
         || headers::OURS.iter().any(|o| headers::same_name(name, o))
         || mapped.iter().any(|m| headers::same_name(name, m))
+        || headers::is_path_override(name)
         || (!trusted && headers::is_forwarding(name))
 }
 
-/// `uri` with its path replaced (query, scheme and authority kept).
-fn with_path(uri: &http::Uri, path: &str) -> std::result::Result<http::Uri, http::Error> {
-    let pq = match uri.query() {
-        Some(q) => format!("{path}?{q}"),
-        None => path.to_string(),
+/// What the gateway makes of a request target (SPEC section 3, Path).
+struct Target {
+    /// A new origin-form target (normalized path, query unchanged) to send
+    /// instead of the one received; `None` when that was already it.
+    rewrite: Option<Vec<u8>>,
+    /// The host of an absolute-form target (`GET http://host/path`).
+    authority: Option<Vec<u8>>,
+}
+
+/// Judge a raw request target: origin-form (`/path?query`) or an http(s)
+/// absolute-form target; anything else (`*`, `account/x`, an ambiguous
+/// authority) is refused, since the upstream might read it as a path the
+/// gateway never routed.
+fn judge_target(raw: &[u8], keep: bool) -> std::result::Result<Target, crate::path::PathError> {
+    use pingora::http::authority::{
+        is_http_family_scheme, raw_target_authority, RawTargetAuthority,
     };
-    let mut parts = uri.clone().into_parts();
-    parts.path_and_query = Some(http::uri::PathAndQuery::try_from(pq)?);
-    Ok(http::Uri::from_parts(parts)?)
+    let (authority, pq) = if raw.first() == Some(&b'/') {
+        (None, raw)
+    } else {
+        match raw_target_authority(raw) {
+            RawTargetAuthority::Absolute {
+                scheme,
+                authority,
+                path_and_query,
+            } if is_http_family_scheme(scheme) && !authority.is_empty() => {
+                (Some(authority), path_and_query)
+            }
+            _ => return Err(crate::path::PathError::NotAbsolute),
+        }
+    };
+    // A fragment is never part of the target.
+    let pq = pq.split(|&b| b == b'#').next().unwrap_or(pq);
+    let (path, query) = match pq.iter().position(|&b| b == b'?') {
+        Some(i) => (&pq[..i], Some(&pq[i + 1..])),
+        None => (pq, None),
+    };
+    let path: &[u8] = if path.is_empty() { b"/" } else { path };
+    let normalized = crate::path::normalize(path, keep)?;
+    let changed = matches!(normalized, std::borrow::Cow::Owned(_))
+        || authority.is_some()
+        || pq.len() != raw.len();
+    let rewrite = changed.then(|| {
+        let mut t = normalized.as_bytes().to_vec();
+        if let Some(q) = query {
+            t.push(b'?');
+            t.extend_from_slice(q);
+        }
+        t
+    });
+    Ok(Target {
+        rewrite,
+        authority: authority.map(<[u8]>::to_vec),
+    })
 }
 
 static STATUS_LABELS: std::sync::LazyLock<Vec<String>> =

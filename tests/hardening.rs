@@ -248,6 +248,37 @@ async fn path_tricks_cannot_skip_a_gate() {
         "a refused path reached the app"
     );
 
+    // Targets that are not origin-form: pingora keeps their bytes for the
+    // wire while its URI says `/`. Refused, never routed as `/`.
+    for target in [
+        "account/x",
+        "x/../account",
+        "..//account",
+        "*",
+        "account",
+        "http:/account",
+    ] {
+        let r = raw_get(g.addr, target, std::slice::from_ref(&cookie));
+        assert_eq!(r.status, 400, "{target}: {}", r.body);
+    }
+    assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), hits);
+    // Absolute-form targets are judged like any other: gated, normalized,
+    // and forwarded in origin-form.
+    for target in [
+        "http://app.test/%61ccount",
+        "http://app.test//x/../account;p",
+        "HTTP://app.test/account",
+    ] {
+        let r = raw_get(g.addr, target, &[]);
+        assert_eq!(r.status, 401, "{target}: {}", r.body);
+        let r = raw_get(g.addr, target, std::slice::from_ref(&cookie));
+        assert_eq!(r.status, 200, "{target}: {}", r.body);
+        assert!(
+            r.json()["path"].as_str().unwrap().starts_with("/account"),
+            "{target}"
+        );
+    }
+
     // ignore_case: one route compares its prefix case-insensitively.
     for target in [
         "/admin",
@@ -266,6 +297,37 @@ async fn path_tricks_cannot_skip_a_gate() {
     let r = raw_get(g.addr, "/ACCOUNT", &[]);
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["path"], "/ACCOUNT");
+}
+
+// An absolute-form target without a Host header routes on its authority.
+#[tokio::test(flavor = "multi_thread")]
+async fn absolute_form_targets_route_on_their_host() {
+    let up = Upstream::start();
+    let a = up.addr;
+    let g = Gateway::start(&format!(
+        "session:\n  secrets: [\"{SECRET}\"]\nstore: {{ kind: memory }}\nroutes:\n  - name: admin\n    match: {{ host: admin.example.com }}\n    upstreams: [\"{a}\"]\n    session: {{ require: [user] }}\n  - name: www\n    upstreams: [\"{a}\"]\n"
+    ));
+    for (target, version) in [
+        ("http://admin.example.com/secret", "HTTP/1.1"),
+        ("http://admin.example.com:80/secret", "HTTP/1.1"),
+        ("http://ADMIN.example.com/secret", "HTTP/1.0"),
+        ("http://admin.example.com", "HTTP/1.1"),
+    ] {
+        let r = raw_request(
+            g.addr,
+            &format!("GET {target} {version}\r\nConnection: close\r\n\r\n"),
+        );
+        assert_eq!(r.status, 401, "{target} {version}: {}", r.body);
+    }
+    assert_eq!(up.hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // And the upstream gets an origin-form target with the Host it named.
+    let r = raw_request(
+        g.addr,
+        "GET http://www.example.com/a/./b HTTP/1.1\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["path"], "/a/b");
+    assert_eq!(r.got_header("host").as_deref(), Some("www.example.com"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -409,6 +471,29 @@ async fn plain_cookie_cannot_shadow_the_secure_session() {
             r.set_cookies
         );
     }
+
+    // Two cookies of one name (the planted one at a longer path comes
+    // first): the victim's own is used, and nothing of theirs is cleared.
+    let victim_plain = victim.jar.get("gimlet").unwrap().to_string();
+    let r = send(
+        &victim.c,
+        victim
+            .c
+            .get(g.url("/"))
+            .header(
+                "cookie",
+                format!("gimlet={planted}; gimlet={victim_plain}; __Secure-gimlet={victim_secure}"),
+            )
+            .header(HTTPS.0, HTTPS.1),
+    )
+    .await;
+    assert_eq!(
+        r.got_header("x-session-id").as_deref(),
+        Some(victim_id.as_str())
+    );
+    let s = r.session();
+    assert_eq!(s.get("user").map(String::as_str), Some("victim"), "{s:?}");
+    assert!(r.set_cookies.is_empty(), "{:?}", r.set_cookies);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -661,6 +746,11 @@ fn config_errors_never_echo_a_secret() {
         format!("  secrets: {{ a: \"{secret}\" }}\n"),
         format!("  secrets: [\"{SECRET}\"]\n  encrypt: \"{secret}\"\n"),
         format!("  secrets: [\"{SECRET}\"]\n  limits: {{ keys: \"{secret}\" }}\n"),
+        format!("  secrets: [\"{SECRET}\"]\n  lifetime: {secret}\n"),
+        format!("  secrets: [\"{SECRET}\"]\n  cookie: {{ secure: {secret} }}\n"),
+        format!("  secrets: [\"{SECRET}\"]\n  cookie: {{ domain: \"{secret}/x\" }}\n"),
+        format!("  secrets: [\"{SECRET}\"]\n  {secret}: 1\n"),
+        format!("  secrets: [{{ {secret}: 1 }}]\n"),
     ] {
         let f = dir.path().join("g.yaml");
         std::fs::write(
@@ -750,6 +840,13 @@ async fn forwarding_headers_pass_only_from_trusted_proxies() {
         ("X_Forwarded_Proto", "https"),
         ("X_Forwarded_For", "6.6.6.6"),
         ("X.Forwarded.For", "6.6.6.6"),
+        ("X-Forwarded-Prefix", "/admin"),
+        ("X-Forwarded-Uri", "/admin"),
+        ("X-Host", "evil.test"),
+        ("True-Client-IP", "6.6.6.6"),
+        ("X-Original-URL", "/account"),
+        ("X_Rewrite_Url", "/account"),
+        ("X.Original.URI", "/account"),
     ];
     let up = Upstream::start();
     let untrusted = Gateway::start(&config(&up, "", "{ kind: memory }", ""));
@@ -766,7 +863,14 @@ async fn forwarding_headers_pass_only_from_trusted_proxies() {
         "x-url-scheme",
         "front-end-https",
         "x-real-ip",
+        "x-forwarded-prefix",
+        "x-forwarded-uri",
+        "x-host",
+        "true-client-ip",
     ];
+    // Routed on instead of the request line by some frameworks: removed
+    // from everyone.
+    let overrides = ["x-original-url", "x-rewrite-url", "x-original-uri"];
     let b = Browser::new(&untrusted);
     let r = b.get_with("/", &[], forged).await;
     for (n, v) in r.got() {
@@ -774,6 +878,7 @@ async fn forwarding_headers_pass_only_from_trusted_proxies() {
             !forwarding.contains(&fold(&n).as_str()),
             "untrusted client sent {n}: {v}"
         );
+        assert!(!overrides.contains(&fold(&n).as_str()), "{n}: {v}");
         if fold(&n) == "x-forwarded-proto" || fold(&n) == "x-forwarded-for" {
             assert!(
                 n == "x-forwarded-proto" || n == "x-forwarded-for",
@@ -801,6 +906,12 @@ async fn forwarding_headers_pass_only_from_trusted_proxies() {
         r.got_header("x-forwarded-host").as_deref(),
         Some("evil.test")
     );
+    for (n, v) in &got {
+        assert!(
+            !overrides.contains(&fold(n).as_str()),
+            "trusted proxy's {n}: {v} passed"
+        );
+    }
 }
 
 // 12. Limits hold on clientside writes over unread store data, every store.

@@ -1,11 +1,14 @@
 //! The request side: cookies in, store read plan, headers to the upstream.
 
 use super::{
-    Channel, KeySet, Meta, Rejection, Session, Settings, CHANNELS, FLAG_SPILL, FLAG_STORE,
+    Channel, KeySet, Meta, Payload, Rejection, Session, Settings, CHANNELS, FLAG_SPILL, FLAG_STORE,
 };
 use crate::codec::Codec;
 use crate::cookie::{self, CookieSpec};
 use percent_encoding::{AsciiSet, CONTROLS};
+
+/// Cookies of one name looked at per request; more are ignored.
+const MAX_COOKIES_PER_NAME: usize = 4;
 
 /// What the proxy knows about the request.
 #[derive(Clone, Copy, Debug)]
@@ -52,34 +55,40 @@ impl Session {
     ) -> Session {
         let mut s = Session::default();
         let mut rejected = [false; 4];
+        // Every valid cookie of each channel: a browser holding two of one
+        // name (one planted at a longer path or by a sibling domain) sends
+        // both, and the real one must not be lost to the planted one.
+        let mut valid: [Vec<(Payload, bool)>; 4] = Default::default();
+        let mut seen = [0usize; 4];
         for h in headers {
             for (name, value) in cookie::pairs(h) {
                 let Some(ch) = spec.channel_exact(name) else {
                     continue;
                 };
-                if (ch.secure() && !req.https) || s.cookies[ch.index()].is_some() {
+                let i = ch.index();
+                // Bound the work an attacker can ask for.
+                if (ch.secure() && !req.https) || seen[i] >= MAX_COOKIES_PER_NAME {
                     continue;
                 }
+                seen[i] += 1;
                 let opened = std::str::from_utf8(value)
                     .map_err(|_| Rejection::Malformed)
                     .and_then(|v| codec.open(spec.name(ch), v));
                 match opened {
-                    Ok(o) => {
-                        s.reissue |= o.stale;
-                        s.cookies[ch.index()] = Some(o.payload);
-                    }
+                    Ok(o) => valid[i].push((o.payload, o.stale)),
                     Err(r) => {
                         s.rejections.push(r);
-                        rejected[ch.index()] = true;
+                        rejected[i] = true;
                     }
                 }
             }
         }
         // One request, one session. The first valid cookie names it; on
         // HTTPS the secure channels are asked first, because a plain cookie
-        // can be planted over HTTP or by a sibling subdomain while a
-        // `__Secure-` one cannot. A cookie of another session (a stale
-        // leftover or a planted one) is dropped and cleared.
+        // can be planted over plain HTTP while a `__Secure-` one cannot.
+        // Each channel then uses its cookie of that session; a channel whose
+        // cookies all belong to another session (a stale leftover or a
+        // planted one) is dropped and cleared.
         const HTTPS_ORDER: [Channel; 4] = [
             Channel::SecurePerm,
             Channel::SecureTrans,
@@ -89,20 +98,27 @@ impl Session {
         let order = if req.https { HTTPS_ORDER } else { CHANNELS };
         let primary = order
             .iter()
-            .find_map(|ch| s.cookies[ch.index()].as_ref())
-            .map(|p| (p.id, p.tag));
-        let mut meta: Option<Meta> = None;
+            .find_map(|ch| valid[ch.index()].first())
+            .map(|(p, _)| (p.id, p.tag));
         for ch in CHANNELS {
             let i = ch.index();
-            let Some(p) = &s.cookies[i] else {
-                s.clear[i] = rejected[i];
+            let mine = std::mem::take(&mut valid[i])
+                .into_iter()
+                .find(|(p, _)| Some((p.id, p.tag)) == primary);
+            match mine {
+                Some((p, stale)) => {
+                    s.reissue |= stale;
+                    s.cookies[i] = Some(p);
+                }
+                // Only cookies of another session, or only rejected ones.
+                None => s.clear[i] = seen[i] > 0 && (rejected[i] || primary.is_some()),
+            }
+        }
+        let mut meta: Option<Meta> = None;
+        for ch in CHANNELS {
+            let Some(p) = &s.cookies[ch.index()] else {
                 continue;
             };
-            if Some((p.id, p.tag)) != primary {
-                s.cookies[i] = None;
-                s.clear[i] = true;
-                continue;
-            }
             match &mut meta {
                 None => {
                     meta = Some(Meta {
