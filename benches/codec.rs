@@ -3,7 +3,7 @@
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use gimlet::codec::Codec;
-use gimlet::session::{Payload, SessionId};
+use gimlet::model::{Payload, SessionId};
 use std::collections::BTreeMap;
 
 fn payload(n: usize) -> Payload {

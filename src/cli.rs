@@ -74,7 +74,7 @@ pub fn main() -> i32 {
         },
         Command::Check { config, connect } => check(&config, connect),
         Command::Keygen => {
-            println!("{}", keygen());
+            println!("{}", crate::codec::keygen());
             0
         }
         Command::Health { url } => match health(&url) {
@@ -174,14 +174,6 @@ fn health(url: &str) -> Result<u16, String> {
             .await
             .map_err(|_| "timed out".to_string())?
     })
-}
-
-/// 32 random bytes, base64url: 43 characters.
-pub fn keygen() -> String {
-    use base64::Engine;
-    let mut b = [0u8; 32];
-    getrandom::getrandom(&mut b).expect("the OS random number generator failed");
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
 
 fn check(file: &std::path::Path, connect: bool) -> i32 {

@@ -18,7 +18,7 @@
 //! The payload (see [`Payload`]) is a compact binary record: id, hash tag,
 //! created / expires / touched times, store flags, and the clientside values.
 
-use crate::session::{valid_key, Payload, Rejection, SessionId};
+use crate::model::{valid_key, Payload, Rejection, SessionId};
 use aes_gcm::aead::{Aead, KeyInit, Payload as AeadPayload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -328,6 +328,14 @@ fn get_varint(b: &mut &[u8]) -> Option<u64> {
         }
     }
     None
+}
+
+/// 32 random bytes, base64url: 43 characters.
+pub fn keygen() -> String {
+    use base64::Engine;
+    let mut b = [0u8; 32];
+    getrandom::getrandom(&mut b).expect("the OS random number generator failed");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@
 //! line it was written on.
 
 use crate::cookie::{CookieSpec, SameSite, SecureMode};
-use crate::session::{valid_key, KeyPolicies, KeySet, Limits, Policy, Settings};
+use crate::model::{valid_key, KeyPolicies, KeySet, Limits, Policy, Settings};
+use crate::store::redis::RedisOptions;
 use ipnet::IpNet;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
@@ -126,16 +127,7 @@ pub enum StoreKind {
         /// Sessions kept in memory in front of the file (0: none).
         cache: usize,
     },
-    Redis(RedisConfig),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RedisConfig {
-    /// `redis://` or `rediss://` URL (standalone).
-    pub url: Option<String>,
-    /// Node URLs (Redis Cluster).
-    pub cluster: Vec<String>,
-    pub prefix: String,
+    Redis(RedisOptions),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1062,7 +1054,7 @@ fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreConfig {
                     "must not contain `{` or `}` (the gateway adds its own hash tags)",
                 );
             }
-            StoreKind::Redis(RedisConfig {
+            StoreKind::Redis(RedisOptions {
                 url,
                 cluster,
                 prefix,

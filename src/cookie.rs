@@ -1,6 +1,6 @@
 //! Cookie names, the `Cookie` request header and `Set-Cookie` lines.
 
-use crate::session::{Channel, CHANNELS};
+use crate::model::{Channel, CHANNELS};
 use std::time::{Duration, UNIX_EPOCH};
 
 /// A `Set-Cookie` value (name=value; attributes) never exceeds this.

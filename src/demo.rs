@@ -20,7 +20,7 @@ pub fn run(listen: &str, data: &Path) -> Result<(), String> {
     // A per-checkout secret, so demo sessions survive a restart.
     let secret_file = data.join("demo-secret");
     if !secret_file.exists() {
-        std::fs::write(&secret_file, crate::cli::keygen() + "\n")
+        std::fs::write(&secret_file, crate::codec::keygen() + "\n")
             .map_err(|e| format!("cannot write {}: {e}", secret_file.display()))?;
         #[cfg(unix)]
         {

@@ -4,8 +4,7 @@
 //! error rejects every directive of the response. Error texts name the header
 //! and the key, never a value.
 
-use crate::session::valid_key;
-use std::fmt;
+use crate::model::{parse_i64, valid_key, DirectiveError};
 
 /// Every directive of one response, in the order received per name.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -24,29 +23,6 @@ impl Directives {
             && self.delete.is_empty()
             && self.set.is_empty()
             && self.incr.is_empty()
-    }
-}
-
-/// A directive error: `reason` is a short metric label, `detail` the
-/// plain-text explanation (no session values in it).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DirectiveError {
-    pub reason: &'static str,
-    pub detail: String,
-}
-
-impl DirectiveError {
-    pub fn new(reason: &'static str, detail: impl Into<String>) -> DirectiveError {
-        DirectiveError {
-            reason,
-            detail: detail.into(),
-        }
-    }
-}
-
-impl fmt::Display for DirectiveError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.detail)
     }
 }
 
@@ -195,15 +171,6 @@ fn decode(s: &[u8], header: &str) -> Result<String, DirectiveError> {
     }
     String::from_utf8(out)
         .map_err(|_| DirectiveError::new("malformed", format!("{header}: not valid UTF-8")))
-}
-
-/// `^-?[0-9]+$`, within i64.
-pub fn parse_i64(s: &str) -> Option<i64> {
-    let digits = s.strip_prefix('-').unwrap_or(s);
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    s.parse().ok()
 }
 
 #[cfg(test)]

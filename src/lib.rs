@@ -1,18 +1,26 @@
 //! Gimlet: a pingora reverse-proxy gateway that gives legacy web apps real
 //! sessions without touching their code.
 //!
-//! The crate is split so that the session core never sees a pingora type:
+//! The modules form layers; each imports only from the layers below it, and
+//! the session core (everything up to [`session`]) never sees a pingora type.
+//! Bottom to top:
 //!
-//! - [`config`]: the YAML file, validated into typed settings;
-//! - [`codec`]: sealing and opening cookie values (AES-256-GCM or HMAC-SHA256);
-//! - [`cookie`]: cookie names, `Cookie` parsing and `Set-Cookie` lines;
-//! - [`session`]: the session model, what is forwarded, how directives apply;
-//! - [`directives`]: parsing `X-Session-*` response headers;
-//! - [`store`]: the store trait and one file per backend;
-//! - [`routes`]: host and path routing;
-//! - [`proxy`]: the thin pingora hooks; [`server`]: wiring and signals;
-//! - [`metrics`] and [`admin`]: Prometheus and health;
-//! - [`demo`]: the built-in demo app; [`cli`]: the command line.
+//! 1. [`model`]: the shared words (ids, channels, key policies, limits, cookie
+//!    payloads, error kinds); [`path`]: the request path normalizer;
+//!    [`headers`]: header-name folding and the spoofable names.
+//! 2. [`codec`]: sealing and opening cookie values (AES-256-GCM or
+//!    HMAC-SHA256), key generation; [`cookie`]: cookie names, `Cookie`
+//!    parsing, `Set-Cookie` lines; [`directives`]: parsing `X-Session-*`
+//!    response headers.
+//! 3. [`store`]: the store trait, the write batch, one file per backend, each
+//!    owning its options type.
+//! 4. [`session`]: the per-request session: read from cookies and the store,
+//!    what is forwarded, how directives apply.
+//! 5. [`config`]: the YAML file, validated into typed settings.
+//! 6. [`routes`], [`metrics`], [`logging`], [`proxy`] (the pingora hooks) and
+//!    [`admin`] (metrics and health).
+//! 7. [`server`]: wiring and signals; [`demo`]: the built-in demo app.
+//! 8. [`cli`]: the command line.
 
 pub mod admin;
 pub mod cli;
@@ -24,17 +32,10 @@ pub mod directives;
 pub mod headers;
 pub mod logging;
 pub mod metrics;
+pub mod model;
 pub mod path;
 pub mod proxy;
 pub mod routes;
 pub mod server;
 pub mod session;
 pub mod store;
-
-/// Current time in milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}

@@ -155,7 +155,7 @@ impl Metrics {
         for r in ["bad_mac", "malformed", "expired", "unknown_key"] {
             m.cookies_rejected.with_label_values(&[r]);
         }
-        for d in crate::session::write_labels() {
+        for d in crate::model::DIRECTIVE_LABELS {
             m.directives.with_label_values(&[d]);
         }
         for op in ["read", "write"] {

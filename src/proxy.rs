@@ -14,9 +14,10 @@
 
 use crate::codec::Codec;
 use crate::config::{Config, OnDirectiveError, OnError, OnMissing};
-use crate::directives::{self, DirectiveError, Directives};
+use crate::directives::{self, Directives};
 use crate::headers;
 use crate::metrics::Metrics;
+use crate::model::DirectiveError;
 use crate::routes::{Route, Router};
 use crate::session::{Forward, RequestInfo, Session, WriteContext};
 use crate::store::{Store, StoreError};
@@ -236,7 +237,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn request_filter(&self, session: &mut Session_, ctx: &mut Ctx) -> Result<bool> {
-        ctx.now = crate::now_ms();
+        ctx.now = crate::model::now_ms();
         let state = ctx.state.clone();
         // One path for the gateway and the app: normalized before routing,
         // and the normalized path is what the upstream receives.
@@ -356,7 +357,7 @@ impl ProxyHttp for Gateway {
         {
             // Rejected cookies are cleared even on a gate answer.
             let spec = &cfg.session.cookie;
-            let mut extra: Vec<(&'static str, String)> = crate::session::CHANNELS
+            let mut extra: Vec<(&'static str, String)> = crate::model::CHANNELS
                 .into_iter()
                 .filter(|ch| ctx.session.clear[ch.index()])
                 .map(|ch| ("set-cookie", spec.clear_line(ch, ctx.https)))
@@ -646,7 +647,7 @@ impl ProxyHttp for Gateway {
         for (i, n) in outcome.applied.iter().enumerate() {
             if *n > 0 {
                 m.directives
-                    .with_label_values(&[crate::session::write_labels()[i]])
+                    .with_label_values(&[crate::model::DIRECTIVE_LABELS[i]])
                     .inc_by(*n as u64);
             }
         }

@@ -146,7 +146,7 @@ fn prefix_matches(prefix: &str, path: &str, ignore_case: bool) -> bool {
 mod tests {
     use super::*;
     use crate::config::{OnDirectiveError, OnMissing};
-    use crate::session::KeySet;
+    use crate::model::KeySet;
     use std::time::Duration;
 
     fn route(name: &str, host: Option<&str>, prefix: &str) -> RouteConfig {

@@ -258,7 +258,7 @@ impl BackgroundService for Reloader {
                 _ = hup.recv() => self.reload(),
                 _ = tick.tick() => {
                     if let Some(Store::Memory(m)) = &self.shared.store {
-                        m.sweep(crate::now_ms());
+                        m.sweep(crate::model::now_ms());
                     }
                 }
                 _ = shutdown.changed() => return,

@@ -199,12 +199,12 @@ async fn every_metric_family_moves() {
     b.get("/", &[("X-Session-Set", "oops")]).await;
     // Rejected cookies, one per reason.
     let other = gimlet::codec::Codec::new(&[SECRET2], true);
-    let payload = gimlet::session::Payload {
-        id: gimlet::session::SessionId::random(),
+    let payload = gimlet::model::Payload {
+        id: gimlet::model::SessionId::random(),
         tag: 1,
-        created: gimlet::now_ms(),
-        expires: gimlet::now_ms() + 60_000,
-        touched: gimlet::now_ms(),
+        created: gimlet::model::now_ms(),
+        expires: gimlet::model::now_ms() + 60_000,
+        touched: gimlet::model::now_ms(),
         flags: 0,
         values: Default::default(),
     };

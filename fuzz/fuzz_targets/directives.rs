@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
             .chain(d.set.iter().map(|(k, _)| k))
             .chain(d.incr.iter().map(|(k, _)| k));
         for k in keys {
-            assert!(gimlet::session::valid_key(k), "{k:?}");
+            assert!(gimlet::model::valid_key(k), "{k:?}");
         }
     }
 });

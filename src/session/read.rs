@@ -1,10 +1,11 @@
 //! The request side: cookies in, store read plan, headers to the upstream.
 
-use super::{
-    Channel, KeySet, Meta, Payload, Rejection, Session, Settings, CHANNELS, FLAG_SPILL, FLAG_STORE,
-};
+use super::Session;
 use crate::codec::Codec;
 use crate::cookie::{self, CookieSpec};
+use crate::model::{
+    Channel, KeySet, Meta, Payload, Rejection, Settings, CHANNELS, FLAG_SPILL, FLAG_STORE,
+};
 use percent_encoding::{AsciiSet, CONTROLS};
 
 /// Cookies of one name looked at per request; more are ignored.

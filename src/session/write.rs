@@ -5,14 +5,14 @@
 //! side effects. The proxy performs the batch, and only when it succeeds sends
 //! the cookies: so a response's directives apply entirely or not at all.
 
-use super::{
-    Channel, KeySet, Meta, Payload, Policy, Session, SessionId, Settings, CHANNELS, FLAG_SPILL,
-    FLAG_STORE,
-};
+use super::Session;
 use crate::codec::{self, Codec};
 use crate::cookie::{CookieSpec, MAX_SET_COOKIE};
-pub use crate::directives::DirectiveError;
 use crate::directives::Directives;
+use crate::model::{
+    channel_order, random_tag, Channel, DirectiveError, KeySet, Meta, Payload, Policy, SessionId,
+    Settings, CHANNELS, FLAG_SPILL, FLAG_STORE,
+};
 use crate::store::{ChannelWrite, LimitCheck, StoreKey, WriteBatch};
 use std::collections::BTreeMap;
 
@@ -56,8 +56,6 @@ impl Outcome {
         self.applied.iter().sum()
     }
 }
-
-pub const DIRECTIVE_LABELS: [&str; 5] = ["set", "delete", "incr", "regenerate", "destroy"];
 
 fn err(reason: &'static str, detail: String) -> DirectiveError {
     DirectiveError::new(reason, detail)
@@ -143,7 +141,7 @@ impl Work {
 
     /// Current value of `key` outside the store's unread data.
     fn known_value(&self, key: &str, home: Channel) -> Option<String> {
-        let order = super::channel_order(home);
+        let order = channel_order(home);
         order
             .iter()
             .find_map(|ch| self.vals[ch.index()].get(key))
@@ -334,7 +332,7 @@ impl Session {
                 id: SessionId::random(),
                 // After Destroy, keep the tag: the store then deletes the
                 // old data and writes the new in one slot, atomically.
-                tag: batch_destroy.map_or_else(super::random_tag, |d| d.tag),
+                tag: batch_destroy.map_or_else(random_tag, |d| d.tag),
                 created: cx.now,
                 expires: cx.now.saturating_add(s.lifetime),
                 touched: cx.now,
@@ -691,9 +689,7 @@ impl Session {
 fn add(current: Option<String>, key: &str, n: i64) -> Result<i64, DirectiveError> {
     let cur = match current {
         None => 0,
-        Some(v) => {
-            crate::directives::parse_i64(&v).ok_or_else(|| crate::store::not_integer(key))?
-        }
+        Some(v) => crate::model::parse_i64(&v).ok_or_else(|| crate::store::not_integer(key))?,
     };
     cur.checked_add(n)
         .ok_or_else(|| crate::store::overflow(key))
@@ -733,7 +729,8 @@ fn check_policy(
 mod tests {
     use super::*;
     use crate::cookie::{SameSite, SecureMode};
-    use crate::session::{KeyPolicies, Limits, RequestInfo};
+    use crate::model::{KeyPolicies, Limits};
+    use crate::session::RequestInfo;
     use std::collections::HashMap;
 
     fn settings(idle: Option<u64>) -> Settings {

@@ -19,7 +19,7 @@
 //! the cache if no commit touched that shard while it read the file.
 
 use super::{Loaded, Record, SessionStore, StoreError, StoreKey, WriteBatch};
-use crate::session::{SessionId, CHANNELS};
+use crate::model::{SessionId, CHANNELS};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -363,7 +363,7 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Msg>, cache: Arc<Cache>) {
         if msgs.is_empty() && !due {
             continue;
         }
-        let now = crate::now_ms();
+        let now = crate::model::now_ms();
         let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(msgs.len());
         let mut updates = CacheUpdates::new();
         let mut swept = 0;
@@ -415,7 +415,7 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Msg>, cache: Arc<Cache>) {
 
 impl SessionStore for EmbeddedStore {
     async fn load(&self, key: &StoreKey, mask: u8) -> Result<Loaded, StoreError> {
-        let now = crate::now_ms();
+        let now = crate::model::now_ms();
         let generation = match self.cache.get(&key.id, now) {
             Ok(rec) => return Ok(rec.loaded(mask)),
             Err(generation) => generation,
@@ -475,7 +475,7 @@ mod tests {
     }
 
     fn set(k: StoreKey, pairs: &[(&str, &str)]) -> WriteBatch {
-        let mut b = WriteBatch::new(k, crate::now_ms() + 60_000);
+        let mut b = WriteBatch::new(k, crate::model::now_ms() + 60_000);
         b.channels[0] = ChannelWrite {
             set: pairs
                 .iter()
@@ -519,7 +519,7 @@ mod tests {
             assert!(get(&s, b).await.is_empty());
             // A rejected batch changes nothing.
             s.write(&set(a, &[("w", "word")])).await.unwrap();
-            let mut bad = WriteBatch::new(a, crate::now_ms() + 60_000);
+            let mut bad = WriteBatch::new(a, crate::model::now_ms() + 60_000);
             bad.channels[0].set = vec![("z".into(), "1".into())];
             bad.channels[0].incr = vec![("w".into(), 1)];
             assert!(matches!(s.write(&bad).await, Err(StoreError::Rejected(_))));
@@ -532,7 +532,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = EmbeddedStore::open(&dir.path().join("e.redb"), 16).unwrap();
         let mut b = set(key(3), &[("x", "1")]);
-        b.expire_at = crate::now_ms() + 50;
+        b.expire_at = crate::model::now_ms() + 50;
         s.write(&b).await.unwrap();
         assert_eq!(get(&s, key(3)).await["x"], "1");
         tokio::time::sleep(std::time::Duration::from_millis(80)).await;

@@ -2,7 +2,7 @@
 //! Lost on restart; expired records are dropped on access and by a sweep.
 
 use super::{Loaded, Record, SessionStore, StoreError, StoreKey, WriteBatch};
-use crate::session::SessionId;
+use crate::model::SessionId;
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -37,7 +37,7 @@ impl MemoryStore {
 
 impl SessionStore for MemoryStore {
     async fn load(&self, key: &StoreKey, mask: u8) -> Result<Loaded, StoreError> {
-        let now = crate::now_ms();
+        let now = crate::model::now_ms();
         let map = self.map.lock().unwrap();
         let rec = match map.get(&key.id) {
             Some((r, exp)) if *exp > now => r.loaded(mask),
@@ -47,7 +47,7 @@ impl SessionStore for MemoryStore {
     }
 
     async fn write(&self, b: &WriteBatch) -> Result<(), StoreError> {
-        let now = crate::now_ms();
+        let now = crate::model::now_ms();
         let mut map = self.map.lock().unwrap();
         let live = |e: Option<(Record, u64)>| e.filter(|(_, exp)| *exp > now).map(|(r, _)| r);
         // Work on copies; commit only when the whole batch applies.

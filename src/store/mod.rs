@@ -13,8 +13,7 @@ pub mod embedded;
 pub mod memory;
 pub mod redis;
 
-use crate::directives::DirectiveError;
-use crate::session::{SessionId, CHANNELS};
+use crate::model::{DirectiveError, SessionId, CHANNELS};
 use std::collections::BTreeMap;
 use std::future::Future;
 
@@ -123,7 +122,7 @@ impl StoreError {
 /// What every backend implements. Methods are `async` (via `impl Future`) so
 /// the proxy awaits them without boxing.
 pub trait SessionStore: Send + Sync {
-    /// Read the channels in `mask` ([`crate::session::Channel::bit`]) in one
+    /// Read the channels in `mask` ([`crate::model::Channel::bit`]) in one
     /// round trip.
     fn load(
         &self,
@@ -206,7 +205,7 @@ impl Record {
         for (k, n) in &w.incr {
             let cur = match map.get(k) {
                 None => 0,
-                Some(v) => crate::directives::parse_i64(v).ok_or_else(|| not_integer(k))?,
+                Some(v) => crate::model::parse_i64(v).ok_or_else(|| not_integer(k))?,
             };
             let next = cur.checked_add(*n).ok_or_else(|| overflow(k))?;
             map.insert(k.clone(), next.to_string());

@@ -17,15 +17,23 @@
 //! their own, and every call is bounded by `store.timeout` by the caller.
 
 use super::{Loaded, SessionStore, StoreError, StoreKey, WriteBatch};
-use crate::config::RedisConfig;
-use crate::directives::DirectiveError;
-use crate::session::{SessionId, CHANNELS};
+use crate::model::{DirectiveError, SessionId, CHANNELS};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use std::collections::BTreeMap;
 use std::sync::LazyLock;
 use std::time::Duration;
 use tokio::sync::OnceCell;
+
+/// What `store.kind: redis` says (the config layer builds it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedisOptions {
+    /// `redis://` or `rediss://` URL (standalone).
+    pub url: Option<String>,
+    /// Node URLs (Redis Cluster).
+    pub cluster: Vec<String>,
+    pub prefix: String,
+}
 
 /// The atomic write. See the module docs; the argument layout is built by
 /// [`script_args`].
@@ -145,14 +153,14 @@ enum Conn {
 }
 
 pub struct RedisStore {
-    cfg: RedisConfig,
+    cfg: RedisOptions,
     timeout: Duration,
     conn: OnceCell<Conn>,
 }
 
 impl RedisStore {
     /// Validate the URLs now; connect on first use (inside a runtime).
-    pub fn new(cfg: RedisConfig, timeout: Duration) -> Result<RedisStore, String> {
+    pub fn new(cfg: RedisOptions, timeout: Duration) -> Result<RedisStore, String> {
         for u in cfg.url.iter().chain(cfg.cluster.iter()) {
             redis::Client::open(u.as_str())
                 .map_err(|e| format!("store: invalid Redis URL: {e}"))?;
@@ -351,7 +359,7 @@ mod tests {
     #[test]
     fn key_layout_shares_one_hash_tag() {
         let s = RedisStore::new(
-            RedisConfig {
+            RedisOptions {
                 url: Some("redis://127.0.0.1:1".into()),
                 cluster: vec![],
                 prefix: "gimlet:".into(),

@@ -1,0 +1,390 @@
+//! The words every layer shares, and nothing else: session ids, channels,
+//! key policies and limits, what a cookie carries, and the error kinds.
+//! This is the bottom layer (SPEC sections 1, 2 and 4): it imports no other
+//! module of the crate, and every other module may import it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+/// Current time in milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A session id: 128 random bits from the OS CSPRNG, shown as 32 lowercase hex.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub [u8; 16]);
+
+impl SessionId {
+    pub fn random() -> SessionId {
+        let mut b = [0u8; 16];
+        getrandom::getrandom(&mut b).expect("the OS random number generator failed");
+        SessionId(b)
+    }
+
+    pub fn hex(&self) -> String {
+        let mut s = String::with_capacity(32);
+        for b in self.0 {
+            s.push(char::from_digit((b >> 4) as u32, 16).unwrap());
+            s.push(char::from_digit((b & 15) as u32, 16).unwrap());
+        }
+        s
+    }
+}
+
+impl fmt::Display for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.hex())
+    }
+}
+
+impl fmt::Debug for SessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionId({})", self.hex())
+    }
+}
+
+/// Random 32-bit hash tag chosen when a session is created and kept across
+/// Regenerate, so that every store key of a session (old id and new id) lands
+/// in one Redis Cluster slot and a Regenerate can move data in one transaction.
+pub fn random_tag() -> u32 {
+    let mut b = [0u8; 4];
+    getrandom::getrandom(&mut b).expect("the OS random number generator failed");
+    u32::from_le_bytes(b)
+}
+
+/// Where a key lives. Every cookie and every store hash belongs to one channel.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+pub enum Channel {
+    /// `<name>`: permanent keys (and the id).
+    Perm = 0,
+    /// `<name>-t`: transient keys, gone when the browser closes.
+    Trans = 1,
+    /// `__Secure-<name>`: secure permanent keys.
+    SecurePerm = 2,
+    /// `__Secure-<name>-t`: secure transient keys.
+    SecureTrans = 3,
+}
+
+pub const CHANNELS: [Channel; 4] = [
+    Channel::Perm,
+    Channel::Trans,
+    Channel::SecurePerm,
+    Channel::SecureTrans,
+];
+
+impl Channel {
+    pub fn of(p: Policy) -> Channel {
+        match (p.secure, p.permanent) {
+            (false, true) => Channel::Perm,
+            (false, false) => Channel::Trans,
+            (true, true) => Channel::SecurePerm,
+            (true, false) => Channel::SecureTrans,
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn secure(self) -> bool {
+        matches!(self, Channel::SecurePerm | Channel::SecureTrans)
+    }
+
+    pub fn permanent(self) -> bool {
+        matches!(self, Channel::Perm | Channel::SecurePerm)
+    }
+
+    /// Suffix of the store key of this channel's hash.
+    pub fn store_suffix(self) -> &'static str {
+        match self {
+            Channel::Perm => "p",
+            Channel::Trans => "t",
+            Channel::SecurePerm => "sp",
+            Channel::SecureTrans => "st",
+        }
+    }
+
+    pub fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// Placement and visibility of one key.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Policy {
+    /// Kept inside the cookie (no store I/O) rather than in the store.
+    pub clientside: bool,
+    /// Lives as long as the session; otherwise dies with the browser session.
+    pub permanent: bool,
+    /// Readable and writable on HTTPS only, kept in `__Secure-` cookies.
+    pub secure: bool,
+}
+
+impl Policy {
+    pub const SERVER: Policy = Policy {
+        clientside: false,
+        permanent: true,
+        secure: false,
+    };
+    pub const CLIENT: Policy = Policy {
+        clientside: true,
+        permanent: true,
+        secure: false,
+    };
+
+    pub fn channel(self) -> Channel {
+        Channel::of(self)
+    }
+}
+
+/// Key policies from `session.keys` and `session.undeclared_keys`.
+#[derive(Clone, Debug)]
+pub struct KeyPolicies {
+    pub declared: std::collections::HashMap<String, Policy>,
+    /// Policy of keys not in `declared`; `None` means `undeclared_keys: reject`.
+    pub undeclared: Option<Policy>,
+    /// Placement of undeclared values found in existing data under `reject`.
+    pub fallback: Policy,
+}
+
+impl KeyPolicies {
+    /// The policy governing writes of `key`; `None` when undeclared keys are
+    /// rejected.
+    pub fn for_write(&self, key: &str) -> Option<Policy> {
+        self.declared.get(key).copied().or(self.undeclared)
+    }
+
+    /// The policy used to place and show a value that already exists.
+    pub fn for_read(&self, key: &str) -> Policy {
+        self.for_write(key).unwrap_or(self.fallback)
+    }
+
+    /// Could any key live in a secure channel? (Over plain HTTP the secure
+    /// cookies are not sent, so their store data cannot be ruled out.)
+    pub fn any_secure(&self) -> bool {
+        self.declared.values().any(|p| p.secure)
+            || self.undeclared.is_some_and(|p| p.secure)
+            || self.fallback.secure
+    }
+}
+
+/// `^[A-Za-z0-9_.-]{1,64}$`
+pub fn valid_key(k: &str) -> bool {
+    !k.is_empty()
+        && k.len() <= 64
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+}
+
+/// Which keys a route may read or write.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySet {
+    All,
+    None,
+    Only(Vec<String>),
+}
+
+impl KeySet {
+    pub fn contains(&self, key: &str) -> bool {
+        match self {
+            KeySet::All => true,
+            KeySet::None => false,
+            KeySet::Only(keys) => keys.iter().any(|k| k == key),
+        }
+    }
+
+    pub fn is_none(&self) -> bool {
+        match self {
+            KeySet::None => true,
+            KeySet::Only(keys) => keys.is_empty(),
+            KeySet::All => false,
+        }
+    }
+}
+
+/// Session limits (`session.limits`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub value_bytes: usize,
+    pub keys: usize,
+    pub session_bytes: usize,
+    pub forward_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            value_bytes: 65536,
+            keys: 256,
+            session_bytes: 1_048_576,
+            forward_bytes: 16384,
+        }
+    }
+}
+
+/// What a sealed cookie holds. One per channel cookie; every cookie of a
+/// session carries the same id and times.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Payload {
+    pub id: SessionId,
+    pub tag: u32,
+    /// Creation time, ms since the epoch.
+    pub created: u64,
+    /// End of the absolute lifetime, ms since the epoch.
+    pub expires: u64,
+    /// Last touch (idle timeout), ms since the epoch.
+    pub touched: u64,
+    /// [`FLAG_STORE`], [`FLAG_SPILL`].
+    pub flags: u8,
+    /// Clientside values of this channel, sorted by key.
+    pub values: BTreeMap<String, String>,
+}
+
+/// The store may hold server-side data for this channel of the session.
+pub const FLAG_STORE: u8 = 1;
+/// Clientside keys of this channel overflowed the cookie and were moved to
+/// the store, so even routes that read only clientside keys must read it.
+pub const FLAG_SPILL: u8 = 2;
+
+/// Identity and times of a live session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Meta {
+    pub id: SessionId,
+    pub tag: u32,
+    pub created: u64,
+    pub expires: u64,
+    pub touched: u64,
+}
+
+/// Why a request cookie was not accepted (a metric label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    BadMac,
+    Malformed,
+    Expired,
+    UnknownKey,
+}
+
+impl Rejection {
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::BadMac => "bad_mac",
+            Rejection::Malformed => "malformed",
+            Rejection::Expired => "expired",
+            Rejection::UnknownKey => "unknown_key",
+        }
+    }
+}
+
+/// Session-wide settings the core needs (a slice of the config).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub policies: KeyPolicies,
+    pub limits: Limits,
+    /// Absolute lifetime, ms.
+    pub lifetime: u64,
+    /// Idle timeout, ms; `None` = off.
+    pub idle_timeout: Option<u64>,
+    /// Touch interval, ms.
+    pub touch_interval: u64,
+    /// A store is configured (`store.kind` is not `none`).
+    pub has_store: bool,
+    /// `session.dev_insecure`: every request counts as HTTPS.
+    pub dev_insecure: bool,
+}
+
+/// `home` first, then the others in a fixed order.
+pub fn channel_order(home: Channel) -> [Channel; 4] {
+    let mut out = [home; 4];
+    let mut i = 1;
+    for ch in CHANNELS {
+        if ch != home {
+            out[i] = ch;
+            i += 1;
+        }
+    }
+    out
+}
+
+/// Labels of `gimlet_directives_total`, in the order of
+/// `session::Outcome::applied`: set, delete, incr, regenerate, destroy.
+pub const DIRECTIVE_LABELS: [&str; 5] = ["set", "delete", "incr", "regenerate", "destroy"];
+
+/// A directive error: `reason` is a short metric label, `detail` the
+/// plain-text explanation (no session values in it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirectiveError {
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+impl DirectiveError {
+    pub fn new(reason: &'static str, detail: impl Into<String>) -> DirectiveError {
+        DirectiveError {
+            reason,
+            detail: detail.into(),
+        }
+    }
+}
+
+impl fmt::Display for DirectiveError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.detail)
+    }
+}
+
+/// `^-?[0-9]+$`, within i64.
+pub fn parse_i64(s: &str) -> Option<i64> {
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_32_hex_and_distinct() {
+        let a = SessionId::random();
+        let b = SessionId::random();
+        assert_eq!(a.hex().len(), 32);
+        assert!(a
+            .hex()
+            .bytes()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn key_syntax() {
+        assert!(valid_key("user"));
+        assert!(valid_key("a.b-c_D9"));
+        assert!(valid_key(&"k".repeat(64)));
+        assert!(!valid_key(&"k".repeat(65)));
+        assert!(!valid_key(""));
+        assert!(!valid_key("a b"));
+        assert!(!valid_key("a=b"));
+        assert!(!valid_key("é"));
+    }
+
+    #[test]
+    fn channels_follow_policy() {
+        let p = |clientside, permanent, secure| Policy {
+            clientside,
+            permanent,
+            secure,
+        };
+        assert_eq!(p(true, true, false).channel(), Channel::Perm);
+        assert_eq!(p(false, false, false).channel(), Channel::Trans);
+        assert_eq!(p(true, true, true).channel(), Channel::SecurePerm);
+        assert_eq!(p(false, false, true).channel(), Channel::SecureTrans);
+        assert_eq!(channel_order(Channel::SecureTrans)[0], Channel::SecureTrans);
+    }
+}
