@@ -4,7 +4,7 @@
 //! error rejects every directive of the response. Error texts name the header
 //! and the key, never a value.
 
-use crate::model::{parse_i64, valid_key, DirectiveError};
+use crate::model::{parse_i64, valid_key, DirectiveError, DirectiveErrorKind};
 
 /// Every directive of one response, in the order received per name.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -54,7 +54,7 @@ pub fn parse<'a>(
                     pairs += 1;
                     let n = parse_i64(&v).ok_or_else(|| {
                         DirectiveError::new(
-                            "malformed",
+                            DirectiveErrorKind::Malformed,
                             format!("X-Session-Incr: the amount for `{k}` is not a 64-bit integer"),
                         )
                     })?;
@@ -63,7 +63,10 @@ pub fn parse<'a>(
             }
             "x-session-delete" => {
                 let text = std::str::from_utf8(value).map_err(|_| {
-                    DirectiveError::new("malformed", "X-Session-Delete: not valid UTF-8")
+                    DirectiveError::new(
+                        DirectiveErrorKind::Malformed,
+                        "X-Session-Delete: not valid UTF-8",
+                    )
                 })?;
                 for item in text.split(',') {
                     let key = item.trim_matches(|c| c == ' ' || c == '\t');
@@ -77,7 +80,7 @@ pub fn parse<'a>(
             "x-session-regenerate" | "x-session-destroy" => {
                 if value != b"1" {
                     return Err(DirectiveError::new(
-                        "bad_value",
+                        DirectiveErrorKind::BadValue,
                         format!("{}: the only accepted value is 1", display_name(&norm)),
                     ));
                 }
@@ -89,14 +92,14 @@ pub fn parse<'a>(
             }
             _ => {
                 return Err(DirectiveError::new(
-                    "unknown_header",
+                    DirectiveErrorKind::UnknownHeader,
                     format!("unknown session header `{name}` in the upstream response"),
                 ))
             }
         }
         if pairs > max_pairs {
             return Err(DirectiveError::new(
-                "too_many_keys",
+                DirectiveErrorKind::TooManyKeys,
                 format!("the response carries more than {max_pairs} key operations"),
             ));
         }
@@ -120,7 +123,7 @@ fn bad_key(header: &str, key: &str) -> DirectiveError {
         format!("of {} bytes", key.len())
     };
     DirectiveError::new(
-        "bad_key",
+        DirectiveErrorKind::BadKey,
         format!("{header}: invalid key {shown} (keys match [A-Za-z0-9_.-]{{1,64}})"),
     )
 }
@@ -136,7 +139,10 @@ fn form_pairs(value: &[u8], header: &str) -> Result<Vec<(String, String)>, Direc
             continue;
         }
         let eq = seg.iter().position(|&b| b == b'=').ok_or_else(|| {
-            DirectiveError::new("malformed", format!("{header}: a pair has no `=`"))
+            DirectiveError::new(
+                DirectiveErrorKind::Malformed,
+                format!("{header}: a pair has no `=`"),
+            )
         })?;
         let key = decode(&seg[..eq], header)?;
         if !valid_key(&key) {
@@ -146,13 +152,21 @@ fn form_pairs(value: &[u8], header: &str) -> Result<Vec<(String, String)>, Direc
         out.push((key, val));
     }
     if out.is_empty() {
-        return Err(DirectiveError::new("malformed", format!("{header}: empty")));
+        return Err(DirectiveError::new(
+            DirectiveErrorKind::Malformed,
+            format!("{header}: empty"),
+        ));
     }
     Ok(out)
 }
 
 fn decode(s: &[u8], header: &str) -> Result<String, DirectiveError> {
-    let malformed = || DirectiveError::new("malformed", format!("{header}: bad percent-encoding"));
+    let malformed = || {
+        DirectiveError::new(
+            DirectiveErrorKind::Malformed,
+            format!("{header}: bad percent-encoding"),
+        )
+    };
     let mut out = Vec::with_capacity(s.len());
     let mut i = 0;
     while i < s.len() {
@@ -169,8 +183,12 @@ fn decode(s: &[u8], header: &str) -> Result<String, DirectiveError> {
         }
         i += 1;
     }
-    String::from_utf8(out)
-        .map_err(|_| DirectiveError::new("malformed", format!("{header}: not valid UTF-8")))
+    String::from_utf8(out).map_err(|_| {
+        DirectiveError::new(
+            DirectiveErrorKind::Malformed,
+            format!("{header}: not valid UTF-8"),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -221,11 +239,11 @@ mod tests {
         let d = p(&[("X-Session-Destroy", "1"), ("X_SESSION_REGENERATE", "1")]).unwrap();
         assert!(d.destroy && d.regenerate);
         assert_eq!(
-            p(&[("X-Session-Destroy", "yes")]).unwrap_err().reason,
+            p(&[("X-Session-Destroy", "yes")]).unwrap_err().label(),
             "bad_value"
         );
         assert_eq!(
-            p(&[("X-Session-Regenerate", "0")]).unwrap_err().reason,
+            p(&[("X-Session-Regenerate", "0")]).unwrap_err().label(),
             "bad_value"
         );
     }
@@ -251,7 +269,7 @@ mod tests {
         ];
         for (n, v, reason) in cases {
             let e = p(&[(n, v)]).unwrap_err();
-            assert_eq!(e.reason, *reason, "{n}: {v}");
+            assert_eq!(e.label(), *reason, "{n}: {v}");
         }
         assert!(p(&[("X-Session-Incr", "n=-9223372036854775808")]).is_ok());
     }
@@ -273,7 +291,7 @@ mod tests {
     fn pair_bound() {
         let many: String = (0..300).map(|i| format!("k{i}=1&")).collect();
         let e = parse([("X-Session-Set", many.as_bytes())].into_iter(), 256).unwrap_err();
-        assert_eq!(e.reason, "too_many_keys");
+        assert_eq!(e.label(), "too_many_keys");
     }
 
     #[test]

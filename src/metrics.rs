@@ -152,8 +152,11 @@ impl Metrics {
         for e in ["created", "regenerated", "destroyed", "expired"] {
             m.sessions.with_label_values(&[e]);
         }
-        for r in ["bad_mac", "malformed", "expired", "unknown_key"] {
-            m.cookies_rejected.with_label_values(&[r]);
+        for r in crate::model::Rejection::ALL {
+            m.cookies_rejected.with_label_values(&[r.label()]);
+        }
+        for k in crate::model::DirectiveErrorKind::ALL {
+            m.directive_errors.with_label_values(&[k.label()]);
         }
         for d in crate::model::DIRECTIVE_LABELS {
             m.directives.with_label_values(&[d]);

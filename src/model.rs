@@ -270,6 +270,13 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    pub const ALL: [Rejection; 4] = [
+        Rejection::BadMac,
+        Rejection::Malformed,
+        Rejection::Expired,
+        Rejection::UnknownKey,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Rejection::BadMac => "bad_mac",
@@ -314,20 +321,87 @@ pub fn channel_order(home: Channel) -> [Channel; 4] {
 /// `session::Outcome::applied`: set, delete, incr, regenerate, destroy.
 pub const DIRECTIVE_LABELS: [&str; 5] = ["set", "delete", "incr", "regenerate", "destroy"];
 
-/// A directive error: `reason` is a short metric label, `detail` the
-/// plain-text explanation (no session values in it).
+/// Why a response's directives were rejected (SPEC section 4): the
+/// `reason` label of `gimlet_directive_errors_total` and of the 502 body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DirectiveErrorKind {
+    Malformed,
+    UnknownHeader,
+    BadKey,
+    BadValue,
+    TooManyKeys,
+    NotAllowed,
+    Undeclared,
+    ValueTooLarge,
+    SessionTooLarge,
+    CookieTooLarge,
+    SecureOverHttp,
+    NoStore,
+    StoreUnavailable,
+    NotInteger,
+    Overflow,
+}
+
+impl DirectiveErrorKind {
+    /// Every kind, so metrics can create their label sets up front.
+    pub const ALL: [DirectiveErrorKind; 15] = [
+        DirectiveErrorKind::Malformed,
+        DirectiveErrorKind::UnknownHeader,
+        DirectiveErrorKind::BadKey,
+        DirectiveErrorKind::BadValue,
+        DirectiveErrorKind::TooManyKeys,
+        DirectiveErrorKind::NotAllowed,
+        DirectiveErrorKind::Undeclared,
+        DirectiveErrorKind::ValueTooLarge,
+        DirectiveErrorKind::SessionTooLarge,
+        DirectiveErrorKind::CookieTooLarge,
+        DirectiveErrorKind::SecureOverHttp,
+        DirectiveErrorKind::NoStore,
+        DirectiveErrorKind::StoreUnavailable,
+        DirectiveErrorKind::NotInteger,
+        DirectiveErrorKind::Overflow,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            DirectiveErrorKind::Malformed => "malformed",
+            DirectiveErrorKind::UnknownHeader => "unknown_header",
+            DirectiveErrorKind::BadKey => "bad_key",
+            DirectiveErrorKind::BadValue => "bad_value",
+            DirectiveErrorKind::TooManyKeys => "too_many_keys",
+            DirectiveErrorKind::NotAllowed => "not_allowed",
+            DirectiveErrorKind::Undeclared => "undeclared",
+            DirectiveErrorKind::ValueTooLarge => "value_too_large",
+            DirectiveErrorKind::SessionTooLarge => "session_too_large",
+            DirectiveErrorKind::CookieTooLarge => "cookie_too_large",
+            DirectiveErrorKind::SecureOverHttp => "secure_over_http",
+            DirectiveErrorKind::NoStore => "no_store",
+            DirectiveErrorKind::StoreUnavailable => "store_unavailable",
+            DirectiveErrorKind::NotInteger => "not_integer",
+            DirectiveErrorKind::Overflow => "overflow",
+        }
+    }
+}
+
+/// A directive error: its kind, and the plain-text explanation for the log
+/// (it may name keys, never values).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DirectiveError {
-    pub reason: &'static str,
+    pub kind: DirectiveErrorKind,
     pub detail: String,
 }
 
 impl DirectiveError {
-    pub fn new(reason: &'static str, detail: impl Into<String>) -> DirectiveError {
+    pub fn new(kind: DirectiveErrorKind, detail: impl Into<String>) -> DirectiveError {
         DirectiveError {
-            reason,
+            kind,
             detail: detail.into(),
         }
+    }
+
+    /// The metric label.
+    pub fn label(&self) -> &'static str {
+        self.kind.label()
     }
 }
 

@@ -17,7 +17,7 @@ use crate::config::{Config, OnDirectiveError, OnError, OnMissing};
 use crate::directives::{self, Directives};
 use crate::headers;
 use crate::metrics::Metrics;
-use crate::model::DirectiveError;
+use crate::model::{DirectiveError, DirectiveErrorKind};
 use crate::routes::{Route, Router};
 use crate::session::{Forward, RequestInfo, Session, WriteContext};
 use crate::store::{Store, StoreError};
@@ -182,9 +182,9 @@ impl Gateway {
         self.shared
             .metrics
             .directive_errors
-            .with_label_values(&[e.reason])
+            .with_label_values(&[e.label()])
             .inc();
-        tracing::warn!(route = ctx.route_name(), reason = e.reason, detail = %e.detail, "directive error: nothing applied");
+        tracing::warn!(route = ctx.route_name(), reason = e.label(), detail = %e.detail, "directive error: nothing applied");
     }
 
     async fn timed<T>(
@@ -614,7 +614,7 @@ impl ProxyHttp for Gateway {
                     }
                     Err(e) => {
                         outcome = Err(DirectiveError::new(
-                            "store_unavailable",
+                            DirectiveErrorKind::StoreUnavailable,
                             format!("the session store is unavailable ({e})"),
                         ))
                     }
@@ -633,7 +633,7 @@ impl ProxyHttp for Gateway {
                         // the client must learn nothing of the session.
                         body: format!(
                             "gimlet: the upstream's session directives were rejected ({})\n",
-                            e.reason
+                            e.label()
                         ),
                         retry_after: false,
                     });

@@ -10,8 +10,8 @@ use crate::codec::{self, Codec};
 use crate::cookie::{CookieSpec, MAX_SET_COOKIE};
 use crate::directives::Directives;
 use crate::model::{
-    channel_order, random_tag, Channel, DirectiveError, KeySet, Meta, Payload, Policy, SessionId,
-    Settings, CHANNELS, FLAG_SPILL, FLAG_STORE,
+    channel_order, random_tag, Channel, DirectiveError, DirectiveErrorKind, KeySet, Meta, Payload,
+    Policy, SessionId, Settings, CHANNELS, FLAG_SPILL, FLAG_STORE,
 };
 use crate::store::{ChannelWrite, LimitCheck, StoreKey, WriteBatch};
 use std::collections::BTreeMap;
@@ -57,8 +57,8 @@ impl Outcome {
     }
 }
 
-fn err(reason: &'static str, detail: String) -> DirectiveError {
-    DirectiveError::new(reason, detail)
+fn err(kind: DirectiveErrorKind, detail: String) -> DirectiveError {
+    DirectiveError::new(kind, detail)
 }
 
 /// Working state while applying one response.
@@ -387,7 +387,7 @@ impl Session {
         if (d.destroy || d.regenerate) && cx.write.is_none() {
             let which = if d.destroy { "Destroy" } else { "Regenerate" };
             return Err(err(
-                "not_allowed",
+                DirectiveErrorKind::NotAllowed,
                 format!("X-Session-{which}: this route may not write the session (write: none)"),
             ));
         }
@@ -399,8 +399,7 @@ impl Session {
             && self.may_have_store_data(s, cx.https)
         {
             let which = if d.destroy { "Destroy" } else { "Regenerate" };
-            return Err(err(
-                "store_unavailable",
+            return Err(err(DirectiveErrorKind::StoreUnavailable,
                 format!("X-Session-{which}: the session store is unavailable and the session has server-side data"),
             ));
         }
@@ -413,13 +412,12 @@ impl Session {
         for (what, k) in keys {
             if !cx.write.contains(k) {
                 return Err(err(
-                    "not_allowed",
+                    DirectiveErrorKind::NotAllowed,
                     format!("X-Session-{what}: this route may not write `{k}`"),
                 ));
             }
             let Some(p) = s.policies.for_write(k) else {
-                return Err(err(
-                    "undeclared",
+                return Err(err(DirectiveErrorKind::Undeclared,
                     format!("X-Session-{what}: `{k}` is not declared in session.keys (undeclared_keys: reject)"),
                 ));
             };
@@ -427,8 +425,7 @@ impl Session {
         }
         for (k, v) in &d.set {
             if v.len() > s.limits.value_bytes {
-                return Err(err(
-                    "value_too_large",
+                return Err(err(DirectiveErrorKind::ValueTooLarge,
                     format!(
                         "X-Session-Set: the value of `{k}` has {} bytes, more than limits.value_bytes ({})",
                         v.len(),
@@ -525,8 +522,7 @@ impl Session {
                     break;
                 }
                 if !cx.settings.has_store || self.degraded {
-                    return Err(err(
-                        "cookie_too_large",
+                    return Err(err(DirectiveErrorKind::CookieTooLarge,
                         format!(
                             "the clientside keys of cookie `{}` need {len} bytes, more than fits in a 4096-byte Set-Cookie, and there is no store to move them to",
                             cx.spec.name(ch)
@@ -635,7 +631,7 @@ impl Session {
                 let line = cx.spec.set_line(ch, &value, expires, cx.now, cx.https);
                 if line.len() > MAX_SET_COOKIE {
                     return Err(err(
-                        "cookie_too_large",
+                        DirectiveErrorKind::CookieTooLarge,
                         format!(
                             "the Set-Cookie line for `{}` would exceed 4096 bytes",
                             cx.spec.name(ch)
@@ -704,19 +700,19 @@ fn check_policy(
 ) -> Result<(), DirectiveError> {
     if p.secure && !cx.https {
         return Err(err(
-            "secure_over_http",
+            DirectiveErrorKind::SecureOverHttp,
             format!("X-Session-{what}: `{k}` is a secure key and this request is plain HTTP"),
         ));
     }
     if !p.clientside && !cx.settings.has_store {
         return Err(err(
-            "no_store",
+            DirectiveErrorKind::NoStore,
             format!("X-Session-{what}: `{k}` is a server-side key and store.kind is none"),
         ));
     }
     if !p.clientside && degraded {
         return Err(err(
-            "store_unavailable",
+            DirectiveErrorKind::StoreUnavailable,
             format!(
                 "X-Session-{what}: `{k}` is a server-side key and the session store is unavailable"
             ),
@@ -937,7 +933,7 @@ mod tests {
             Session::default()
                 .apply(&dd, &env.cx(1))
                 .unwrap_err()
-                .reason,
+                .label(),
             "not_integer"
         );
         let cx = WriteContext {
@@ -948,7 +944,7 @@ mod tests {
             Session::default()
                 .apply(&d(&[("user", "a")]), &cx)
                 .unwrap_err()
-                .reason,
+                .label(),
             "not_allowed"
         );
     }

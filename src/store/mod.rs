@@ -13,7 +13,7 @@ pub mod embedded;
 pub mod memory;
 pub mod redis;
 
-use crate::model::{DirectiveError, SessionId, CHANNELS};
+use crate::model::{DirectiveError, DirectiveErrorKind, SessionId, CHANNELS};
 use std::collections::BTreeMap;
 use std::future::Future;
 
@@ -225,7 +225,7 @@ impl Record {
             + l.client_bytes;
         if keys > l.max_keys {
             return Err(DirectiveError::new(
-                "too_many_keys",
+                DirectiveErrorKind::TooManyKeys,
                 format!(
                     "the session would hold {keys} keys, more than limits.keys ({})",
                     l.max_keys
@@ -234,7 +234,7 @@ impl Record {
         }
         if bytes > l.max_bytes {
             return Err(DirectiveError::new(
-                "session_too_large",
+                DirectiveErrorKind::SessionTooLarge,
                 format!(
                     "the session would hold {bytes} bytes, more than limits.session_bytes ({})",
                     l.max_bytes
@@ -270,14 +270,14 @@ impl Record {
 
 pub fn not_integer(k: &str) -> DirectiveError {
     DirectiveError::new(
-        "not_integer",
+        DirectiveErrorKind::NotInteger,
         format!("X-Session-Incr: the stored value of `{k}` is not an integer"),
     )
 }
 
 pub fn overflow(k: &str) -> DirectiveError {
     DirectiveError::new(
-        "overflow",
+        DirectiveErrorKind::Overflow,
         format!("X-Session-Incr: `{k}` would pass the 64-bit range"),
     )
 }
@@ -304,18 +304,18 @@ mod tests {
             incr: vec![("s".into(), 1)],
             ..Default::default()
         };
-        assert_eq!(r.clone().apply(0, &bad).unwrap_err().reason, "not_integer");
+        assert_eq!(r.clone().apply(0, &bad).unwrap_err().label(), "not_integer");
         let big = ChannelWrite {
             incr: vec![("a".into(), i64::MAX)],
             ..Default::default()
         };
-        assert_eq!(r.clone().apply(0, &big).unwrap_err().reason, "overflow");
+        assert_eq!(r.clone().apply(0, &big).unwrap_err().label(), "overflow");
         let l = LimitCheck {
             max_keys: 3,
             max_bytes: 1000,
             client_keys: 1,
             client_bytes: 0,
         };
-        assert_eq!(r.check(&l).unwrap_err().reason, "too_many_keys");
+        assert_eq!(r.check(&l).unwrap_err().label(), "too_many_keys");
     }
 }

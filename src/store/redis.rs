@@ -17,7 +17,7 @@
 //! their own, and every call is bounded by `store.timeout` by the caller.
 
 use super::{Loaded, SessionStore, StoreError, StoreKey, WriteBatch};
-use crate::model::{DirectiveError, SessionId, CHANNELS};
+use crate::model::{DirectiveError, DirectiveErrorKind, SessionId, CHANNELS};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use std::collections::BTreeMap;
@@ -327,13 +327,19 @@ impl SessionStore for RedisStore {
             Some("not_integer") => Err(StoreError::Rejected(super::not_integer(&reply[1]))),
             Some("overflow") => Err(StoreError::Rejected(super::overflow(&reply[1]))),
             Some(reason @ ("too_many_keys" | "session_too_large")) => {
-                let (reason, what) = if reason == "too_many_keys" {
-                    ("too_many_keys", "more keys than limits.keys")
+                let (kind, what) = if reason == "too_many_keys" {
+                    (
+                        DirectiveErrorKind::TooManyKeys,
+                        "more keys than limits.keys",
+                    )
                 } else {
-                    ("session_too_large", "more bytes than limits.session_bytes")
+                    (
+                        DirectiveErrorKind::SessionTooLarge,
+                        "more bytes than limits.session_bytes",
+                    )
                 };
                 Err(StoreError::Rejected(DirectiveError::new(
-                    reason,
+                    kind,
                     format!("the session would hold {what} ({})", reply[1]),
                 )))
             }
