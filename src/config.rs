@@ -7,7 +7,9 @@
 //! line it was written on.
 
 use crate::cookie::{CookieSpec, SameSite, SecureMode};
-use crate::model::{valid_key, KeyPolicies, KeySet, Limits, Policy, Settings};
+use crate::model::{
+    valid_key, KeyPolicies, KeySet, Limits, OnDirectiveError, OnError, OnMissing, Policy, Settings,
+};
 use crate::store::redis::RedisOptions;
 use ipnet::IpNet;
 use serde::de::{self, Deserializer, MapAccess, Visitor};
@@ -130,12 +132,6 @@ pub enum StoreKind {
     Redis(RedisOptions),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OnError {
-    Fail,
-    Degrade,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreConfig {
     pub kind: StoreKind,
@@ -147,19 +143,6 @@ pub struct StoreConfig {
 pub struct ServerConfig {
     pub threads: usize,
     pub grace_period: Duration,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum OnMissing {
-    Status(u16),
-    /// Target with `{path}` to fill in.
-    Redirect(String),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OnDirectiveError {
-    Reject,
-    Ignore,
 }
 
 #[derive(Clone, Debug)]

@@ -17,8 +17,9 @@
 //! 4. [`session`]: the per-request session: read from cookies and the store,
 //!    what is forwarded, how directives apply.
 //! 5. [`config`]: the YAML file, validated into typed settings.
-//! 6. [`routes`], [`metrics`], [`logging`], [`proxy`] (the pingora hooks) and
-//!    [`admin`] (metrics and health).
+//! 6. [`routes`], [`metrics`], [`logging`]; [`exchange`]: one request's way
+//!    through the gateway, without pingora; [`proxy`]: the pingora hooks that
+//!    call it; [`admin`]: metrics and health.
 //! 7. [`server`]: wiring and signals; [`demo`]: the built-in demo app.
 //! 8. [`cli`]: the command line.
 
@@ -29,6 +30,7 @@ pub mod config;
 pub mod cookie;
 pub mod demo;
 pub mod directives;
+pub mod exchange;
 pub mod headers;
 pub mod logging;
 pub mod metrics;

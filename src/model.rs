@@ -317,6 +317,60 @@ pub fn channel_order(home: Channel) -> [Channel; 4] {
     out
 }
 
+/// `store.on_error`: what a failed store read or write does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnError {
+    /// `503` with `Retry-After: 1`, nothing half-written.
+    Fail,
+    /// Forward clientside keys only; server-side writes are directive errors.
+    Degrade,
+}
+
+/// A route's `on_missing`: the answer of a `require:` gate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OnMissing {
+    Status(u16),
+    /// Target with `{path}` to fill in.
+    Redirect(String),
+}
+
+/// A route's `on_directive_error`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnDirectiveError {
+    /// `502` naming the reason label instead of the upstream's response.
+    Reject,
+    /// Pass the upstream's response on, apply nothing.
+    Ignore,
+}
+
+/// A response the gateway writes itself, without (or instead of) the
+/// upstream's: 400, 404, 500, 502, 503 and gate answers. Plain text; the
+/// body never holds a session value.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalAnswer {
+    pub status: u16,
+    pub body: String,
+    /// Extra headers (`location`, `set-cookie`, `retry-after`).
+    pub headers: Vec<(&'static str, String)>,
+}
+
+impl LocalAnswer {
+    pub fn text(status: u16, body: impl Into<String>) -> LocalAnswer {
+        LocalAnswer {
+            status,
+            body: body.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// The store failed under `on_error: fail` (SPEC section 6).
+    pub fn store_unavailable() -> LocalAnswer {
+        let mut a = LocalAnswer::text(503, "session store unavailable, try again\n");
+        a.headers.push(("retry-after", "1".to_string()));
+        a
+    }
+}
+
 /// Labels of `gimlet_directives_total`, in the order of
 /// `session::Outcome::applied`: set, delete, incr, regenerate, destroy.
 pub const DIRECTIVE_LABELS: [&str; 5] = ["set", "delete", "incr", "regenerate", "destroy"];

@@ -1,53 +1,33 @@
-//! The pingora hooks. Each one is thin: it moves header bytes between pingora
-//! and the session core, talks to the store, and counts.
+//! The pingora hooks. Each one reads what pingora hands in, calls one
+//! pingora-free function ([`crate::exchange`], [`Session`]), and writes the
+//! answer back; talking to the store and counting are the only other things
+//! done here.
 //!
 //! ```text
-//! request_filter           route, scheme, cookies -> Session, store read,
-//!                          require: gate, X-Session budget (local answers here)
+//! request_filter           target -> open -> store read -> admit (local answers here)
 //! upstream_peer            round robin
 //! upstream_request_filter  strip spoofable headers and our cookies, add ours
-//! upstream_response_filter parse and remove X-Session-*, drop our Set-Cookies
-//! response_filter          apply directives: one store write, then Set-Cookie
+//! upstream_response_filter remove X-Session-*, keep the directives, drop our Set-Cookies
+//! response_filter          apply -> one store write -> settle -> Set-Cookie
 //! fail_to_proxy            our 502 / 503 answers for failures after the upstream
 //! logging                  metrics and the access line
 //! ```
 
-use crate::codec::Codec;
-use crate::config::{Config, OnDirectiveError, OnError, OnMissing};
-use crate::directives::{self, Directives};
-use crate::headers;
+use crate::directives::Directives;
+use crate::exchange::{self, Commit, Incoming, Opened, Refused, State};
 use crate::metrics::Metrics;
-use crate::model::{DirectiveError, DirectiveErrorKind};
-use crate::routes::{Route, Router};
-use crate::session::{Forward, RequestInfo, Session, WriteContext};
+use crate::model::{DirectiveError, LocalAnswer, OnDirectiveError};
+use crate::routes::Route;
+use crate::session::{Forward, Outcome, Session, WriteContext};
 use crate::store::{Store, StoreError};
 use async_trait::async_trait;
 use bytes::Bytes;
-use ipnet::IpNet;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Everything a request needs that a reload may replace.
-pub struct State {
-    pub config: Config,
-    pub codec: Codec,
-    pub router: Router,
-}
-
-impl State {
-    pub fn new(config: Config) -> Result<State, String> {
-        let router = Router::new(&config.routes)?;
-        let codec = Codec::new(&config.session.secrets, config.session.encrypt);
-        Ok(State {
-            config,
-            codec,
-            router,
-        })
-    }
-}
 
 /// Shared by the proxy, the admin app and the reloader.
 pub struct Shared {
@@ -83,14 +63,8 @@ pub struct Gateway {
     pub shared: Arc<Shared>,
 }
 
-/// A response the gateway writes itself after the upstream answered.
-struct LocalAnswer {
-    status: u16,
-    body: String,
-    retry_after: bool,
-}
-
 pub struct Ctx {
+    /// The config this request started with (a reload does not change it).
     state: Arc<State>,
     route: Option<usize>,
     https: bool,
@@ -102,11 +76,12 @@ pub struct Ctx {
     start: Instant,
     session: Session,
     forward: Forward,
-    directives: Option<Result<Directives, DirectiveError>>,
+    directives: Option<std::result::Result<Directives, DirectiveError>>,
     upstream_start: Option<Instant>,
     upstream_time: Option<Duration>,
     store_round_trips: u32,
     applied: u32,
+    /// Our own answer, written by `fail_to_proxy`.
     answer: Option<LocalAnswer>,
     _inflight: InFlight,
 }
@@ -119,10 +94,19 @@ impl Ctx {
     fn route_name(&self) -> &str {
         self.route().map_or("(none)", |r| r.cfg.name.as_str())
     }
-}
 
-fn is_tls(session: &Session_) -> bool {
-    session.digest().is_some_and(|d| d.ssl_digest.is_some())
+    fn write_context<'a>(&'a self, route: &'a Route) -> WriteContext<'a> {
+        let c = &self.state.config.session;
+        WriteContext {
+            settings: &c.settings,
+            codec: &self.state.codec,
+            spec: &c.cookie,
+            encrypt: c.encrypt,
+            write: &route.cfg.write,
+            https: self.https,
+            now: self.now,
+        }
+    }
 }
 
 type Session_ = pingora::proxy::Session;
@@ -134,22 +118,97 @@ fn client_ip(session: &Session_) -> Option<std::net::IpAddr> {
         .map(|a| a.ip())
 }
 
-fn trusted(proxies: &[IpNet], ip: Option<std::net::IpAddr>) -> bool {
-    ip.is_some_and(|ip| proxies.iter().any(|n| n.contains(&ip)))
+/// What [`exchange::open`] needs from the request pingora read.
+fn incoming(session: &Session_, now: u64) -> Incoming<'_, impl Iterator<Item = &[u8]>> {
+    let req = session.req_header();
+    Incoming {
+        host: req.uri.host().or_else(|| {
+            req.headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+        }),
+        path: req.uri.path(),
+        cookies: req
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .map(|v| v.as_bytes()),
+        forwarded_https: req
+            .headers
+            .get("x-forwarded-proto")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https")),
+        tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
+        client_ip: client_ip(session),
+        now,
+    }
 }
 
-/// Write a short plain-text answer ourselves.
-async fn respond(
+/// Normalize the request target in place (see [`judge_target`]).
+fn normalize_target(
     session: &mut Session_,
-    status: u16,
-    body: &str,
-    extra: &[(&'static str, String)],
-) -> Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(4 + extra.len()))?;
+    keep: bool,
+) -> std::result::Result<(), crate::path::PathError> {
+    let target = judge_target(session.req_header().raw_path(), keep)?;
+    let req = session.req_header_mut();
+    if let Some(t) = &target.rewrite {
+        // Only a target pingora itself would accept is ever built here.
+        req.set_raw_path(t)
+            .map_err(|_| crate::path::PathError::NotAbsolute)?;
+    }
+    if let Some(a) = target.authority {
+        // An absolute-form target names the host (pingora has checked
+        // that a Host header, if any, agrees): route on it, and keep it as
+        // the Host the upstream receives.
+        if !req.headers.contains_key(http::header::HOST) {
+            req.insert_header(http::header::HOST, a)
+                .map_err(|_| crate::path::PathError::NotAbsolute)?;
+        }
+    }
+    Ok(())
+}
+
+/// Remove what the client may not send the upstream (see
+/// [`exchange::spoofable`]) and our cookies; returns the client's own
+/// `X-Forwarded-For` values, which are kept and extended.
+fn strip_client_headers(up: &mut RequestHeader, ctx: &Ctx) -> Result<Vec<String>> {
+    // The client's X-Forwarded-For (exact name) is kept and extended;
+    // read it before every spelling of it is stripped.
+    let prior_xff: Vec<String> = up
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok().map(str::to_string))
+        .collect();
+    let mapped = &ctx.state.router.mapped_names;
+    let strip: Vec<http::HeaderName> = up
+        .headers
+        .keys()
+        .filter(|n| exchange::spoofable(n.as_str().as_bytes(), mapped, ctx.trusted))
+        .cloned()
+        .collect();
+    for name in &strip {
+        up.remove_header(name);
+    }
+    let cookies = up
+        .headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .map(|v| v.as_bytes());
+    let merged = crate::cookie::strip_ours(&ctx.state.config.session.cookie, cookies);
+    up.remove_header(&http::header::COOKIE);
+    if let Some(c) = merged {
+        up.insert_header(http::header::COOKIE, c)?;
+    }
+    Ok(prior_xff)
+}
+
+/// Write one of our answers.
+async fn respond(session: &mut Session_, a: &LocalAnswer) -> Result<()> {
+    let mut resp = ResponseHeader::build(a.status, Some(4 + a.headers.len()))?;
     resp.insert_header("content-type", "text/plain; charset=utf-8")?;
-    resp.insert_header("content-length", body.len().to_string())?;
+    resp.insert_header("content-length", a.body.len().to_string())?;
     resp.insert_header("cache-control", "no-store")?;
-    for (k, v) in extra {
+    for (k, v) in &a.headers {
         resp.append_header(*k, v.as_str())?;
     }
     let head_only = session.req_header().method == http::Method::HEAD;
@@ -158,23 +217,68 @@ async fn respond(
         .await?;
     if !head_only {
         session
-            .write_response_body(Some(Bytes::copy_from_slice(body.as_bytes())), true)
+            .write_response_body(Some(Bytes::copy_from_slice(a.body.as_bytes())), true)
             .await?;
     }
     Ok(())
 }
 
+/// Answer locally from `request_filter` (the upstream is not called).
+async fn answer(session: &mut Session_, a: &LocalAnswer) -> Result<bool> {
+    respond(session, a).await?;
+    Ok(true)
+}
+
 impl Gateway {
-    fn write_context<'a>(&self, ctx: &'a Ctx, route: &'a Route) -> WriteContext<'a> {
-        let c = &ctx.state.config.session;
-        WriteContext {
-            settings: &c.settings,
-            codec: &ctx.state.codec,
-            spec: &c.cookie,
-            encrypt: c.encrypt,
-            write: &route.cfg.write,
-            https: ctx.https,
-            now: ctx.now,
+    /// Take the opened request into the context and count what its cookies
+    /// said.
+    fn opened(&self, ctx: &mut Ctx, o: Opened) {
+        let m = &self.shared.metrics;
+        for r in &o.session.rejections {
+            m.cookies_rejected.with_label_values(&[r.label()]).inc();
+        }
+        if o.session.expired {
+            m.sessions.with_label_values(&["expired"]).inc();
+        }
+        (ctx.route, ctx.https, ctx.trusted, ctx.session) =
+            (Some(o.route), o.https, o.trusted, o.session);
+    }
+
+    /// The store read, if the request needs one; `Err` when it failed under
+    /// `on_error: fail`.
+    async fn load(&self, ctx: &mut Ctx, route: &Route) -> std::result::Result<(), StoreError> {
+        let cfg = &ctx.state.config;
+        let (Some(store), Some((key, plan))) = (
+            &self.shared.store,
+            ctx.session
+                .load_request(&cfg.session.settings, &route.cfg.read, &route.cfg.require),
+        ) else {
+            return Ok(());
+        };
+        ctx.store_round_trips += 1;
+        let read = self
+            .timed("read", cfg.store.timeout, store.load(&key, plan.0))
+            .await;
+        if let Err(e) = &read {
+            tracing::warn!(route = %route.cfg.name, error = %e, "session store read failed");
+        }
+        let on_error = cfg.store.on_error;
+        ctx.session.absorb(read, on_error)
+    }
+
+    fn count_refusal(&self, route: &Route, r: &Refused, limit: usize) {
+        if let Some(size) = r.too_large {
+            self.shared
+                .metrics
+                .forward_too_large
+                .with_label_values(&[route.cfg.name.as_str()])
+                .inc();
+            tracing::error!(
+                route = %route.cfg.name,
+                bytes = size,
+                limit,
+                "readable session data exceeds session.limits.forward_bytes"
+            );
         }
     }
 
@@ -185,6 +289,96 @@ impl Gateway {
             .with_label_values(&[e.label()])
             .inc();
         tracing::warn!(route = ctx.route_name(), reason = e.label(), detail = %e.detail, "directive error: nothing applied");
+    }
+
+    /// The one store write of a response, if its outcome has a batch.
+    async fn write(
+        &self,
+        ctx: &mut Ctx,
+        outcome: &std::result::Result<Outcome, DirectiveError>,
+    ) -> Option<std::result::Result<(), StoreError>> {
+        let (Ok(Outcome { batch: Some(b), .. }), Some(store)) = (outcome, &self.shared.store)
+        else {
+            return None;
+        };
+        ctx.store_round_trips += 1;
+        let timeout = ctx.state.config.store.timeout;
+        Some(self.timed("write", timeout, store.write(b)).await)
+    }
+
+    /// Count what a response applied and add its cookies (and the caching
+    /// headers that must come with them).
+    fn send_cookies(&self, resp: &mut ResponseHeader, ctx: &mut Ctx, o: Outcome) -> Result<()> {
+        let m = &self.shared.metrics;
+        for (i, n) in o.applied.iter().enumerate() {
+            if *n > 0 {
+                m.directives
+                    .with_label_values(&[crate::model::DIRECTIVE_LABELS[i]])
+                    .inc_by(*n as u64);
+            }
+        }
+        ctx.applied = o.directives_applied();
+        for (event, happened) in [
+            ("created", o.created),
+            ("regenerated", o.regenerated),
+            ("destroyed", o.destroyed),
+        ] {
+            if happened {
+                m.sessions.with_label_values(&[event]).inc();
+            }
+        }
+        if o.set_cookies.is_empty() {
+            return Ok(());
+        }
+        for line in o.set_cookies {
+            m.set_cookie_bytes.observe(line.len() as f64);
+            resp.append_header(http::header::SET_COOKIE, line)?;
+        }
+        let (control, vary) = exchange::cache_headers(
+            resp.headers
+                .get(http::header::CACHE_CONTROL)
+                .and_then(|v| v.to_str().ok()),
+            resp.headers
+                .get_all(http::header::VARY)
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+        );
+        if let Some(c) = control {
+            resp.insert_header(http::header::CACHE_CONTROL, c)?;
+        }
+        if vary {
+            resp.append_header(http::header::VARY, "Cookie")?;
+        }
+        Ok(())
+    }
+
+    /// The upstream cannot set our cookies: drop (and count) its
+    /// `Set-Cookie` lines that would.
+    fn drop_our_cookies(&self, resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
+        let ours =
+            |v: &http::HeaderValue| exchange::upstream_cookie_is_ours(&ctx.state, v.as_bytes());
+        let lines: Vec<http::HeaderValue> = resp
+            .headers
+            .get_all(http::header::SET_COOKIE)
+            .iter()
+            .cloned()
+            .collect();
+        if !lines.iter().any(ours) {
+            return Ok(());
+        }
+        resp.remove_header(&http::header::SET_COOKIE);
+        for v in lines {
+            if ours(&v) {
+                self.shared.metrics.upstream_cookies_dropped.inc();
+                tracing::warn!(
+                    route = ctx.route_name(),
+                    "upstream Set-Cookie with a gateway cookie name dropped"
+                );
+            } else {
+                resp.append_header(http::header::SET_COOKIE, v)?;
+            }
+        }
+        Ok(())
     }
 
     async fn timed<T>(
@@ -239,173 +433,30 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session_, ctx: &mut Ctx) -> Result<bool> {
         ctx.now = crate::model::now_ms();
         let state = ctx.state.clone();
-        // One path for the gateway and the app: normalized before routing,
-        // and the normalized path is what the upstream receives.
-        // The raw target is judged, not the parsed URI: pingora leaves the
-        // URI at `/` for targets it cannot classify and keeps their bytes
-        // for the wire.
-        let keep = state.config.paths.keep_escaped_separators;
-        let target = match judge_target(session.req_header().raw_path(), keep) {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::info!(reason = e.label(), "request target refused");
-                let body = format!("bad request path ({})\n", e.label());
-                respond(session, 400, &body, &[]).await?;
-                return Ok(true);
-            }
-        };
-        if let Some(t) = &target.rewrite {
-            session
-                .req_header_mut()
-                .set_raw_path(t)
-                .map_err(|_| Error::explain(InternalError, "normalized target refused"))?;
+        if let Err(e) = normalize_target(session, state.config.paths.keep_escaped_separators) {
+            tracing::info!(reason = e.label(), "request target refused");
+            let body = format!("bad request path ({})\n", e.label());
+            return answer(session, &LocalAnswer::text(400, body)).await;
         }
-        if let Some(a) = target.authority {
-            // An absolute-form target names the host (pingora has checked
-            // that a Host header, if any, agrees): route on it, and keep it
-            // as the Host the upstream receives.
-            if !session
-                .req_header()
-                .headers
-                .contains_key(http::header::HOST)
-            {
-                session
-                    .req_header_mut()
-                    .insert_header(http::header::HOST, a)?;
-            }
+        match exchange::open(&state, incoming(session, ctx.now)) {
+            Ok(o) => self.opened(ctx, o),
+            Err(a) => return answer(session, &a).await,
+        }
+        let route = &state.router.routes()[ctx.route.expect("opened")];
+        if self.load(ctx, route).await.is_err() {
+            return answer(session, &LocalAnswer::store_unavailable()).await;
         }
         let req = session.req_header();
-        let host = req.uri.host().or_else(|| {
-            req.headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        });
-        let route_path = crate::path::route_path(req.uri.path());
-        let Some(idx) = state.router.find(host, &route_path) else {
-            respond(session, 404, "no route for this host and path\n", &[]).await?;
-            return Ok(true);
-        };
-        ctx.route = Some(idx);
-        let route = &state.router.routes()[idx];
-        let cfg = &state.config;
-        let settings = &cfg.session.settings;
-
-        let forwarded_https = req
-            .headers
-            .get("x-forwarded-proto")
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
-        ctx.trusted = trusted(&cfg.trusted_proxies, client_ip(session));
-        ctx.https = is_tls(session) || settings.dev_insecure || (forwarded_https && ctx.trusted);
-
-        let req = session.req_header();
-        ctx.session = Session::from_cookies(
-            &state.codec,
-            &cfg.session.cookie,
-            settings,
-            req.headers
-                .get_all(http::header::COOKIE)
-                .iter()
-                .map(|v| v.as_bytes()),
-            RequestInfo {
-                https: ctx.https,
-                now: ctx.now,
-            },
-        );
-        let m = &self.shared.metrics;
-        for r in &ctx.session.rejections {
-            m.cookies_rejected.with_label_values(&[r.label()]).inc();
-        }
-        if ctx.session.expired {
-            m.sessions.with_label_values(&["expired"]).inc();
-        }
-
-        let plan = ctx
-            .session
-            .load_plan(settings, &route.cfg.read, &route.cfg.require);
-        if let (false, Some(store), Some(meta)) =
-            (plan.is_empty(), &self.shared.store, ctx.session.meta)
-        {
-            ctx.store_round_trips += 1;
-            let key = crate::store::StoreKey {
-                id: meta.id,
-                tag: meta.tag,
-            };
-            match self
-                .timed("read", cfg.store.timeout, store.load(&key, plan.0))
-                .await
-            {
-                Ok(loaded) => ctx.session.stored = loaded,
-                Err(e) => {
-                    tracing::warn!(route = %route.cfg.name, error = %e, "session store read failed");
-                    if cfg.store.on_error == OnError::Fail {
-                        respond(
-                            session,
-                            503,
-                            "session store unavailable, try again\n",
-                            &[("retry-after", "1".to_string())],
-                        )
-                        .await?;
-                        return Ok(true);
-                    }
-                    ctx.session.degraded = true;
-                }
-            }
-        }
-
-        if !route.cfg.require.is_empty()
-            && !ctx.session.has_all(settings, &route.cfg.require, ctx.https)
-        {
-            // Rejected cookies are cleared even on a gate answer.
-            let spec = &cfg.session.cookie;
-            let mut extra: Vec<(&'static str, String)> = crate::model::CHANNELS
-                .into_iter()
-                .filter(|ch| ctx.session.clear[ch.index()])
-                .map(|ch| ("set-cookie", spec.clear_line(ch, ctx.https)))
-                .collect();
-            match &route.cfg.on_missing {
-                OnMissing::Redirect(target) => {
-                    let pq = session
-                        .req_header()
-                        .uri
-                        .path_and_query()
-                        .map_or("/", |p| p.as_str())
-                        .to_string();
-                    let enc = percent_encoding::utf8_percent_encode(
-                        &pq,
-                        percent_encoding::NON_ALPHANUMERIC,
-                    )
-                    .to_string();
-                    extra.push(("location", target.replace("{path}", &enc)));
-                    respond(session, 302, "login required\n", &extra).await?;
-                }
-                OnMissing::Status(code) => {
-                    respond(session, *code, "session required\n", &extra).await?;
-                }
-            }
-            return Ok(true);
-        }
-
-        match ctx
-            .session
-            .forward(settings, &route.cfg.read, &route.cfg.headers, ctx.https)
-        {
+        let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        match exchange::admit(&state, route, &ctx.session, ctx.https, pq) {
             Ok(f) => ctx.forward = f,
-            Err(size) => {
-                m.forward_too_large
-                    .with_label_values(&[route.cfg.name.as_str()])
-                    .inc();
-                tracing::error!(
-                    route = %route.cfg.name,
-                    bytes = size,
-                    limit = settings.limits.forward_bytes,
-                    "readable session data exceeds session.limits.forward_bytes"
+            Err(r) => {
+                self.count_refusal(
+                    route,
+                    &r,
+                    state.config.session.settings.limits.forward_bytes,
                 );
-                let body = format!(
-                    "the session data this route reads is {size} bytes, more than session.limits.forward_bytes ({}); narrow the route's read: list\n",
-                    settings.limits.forward_bytes
-                );
-                respond(session, 500, &body, &[]).await?;
-                return Ok(true);
+                return answer(session, &r.answer).await;
             }
         }
         Ok(false)
@@ -430,79 +481,17 @@ impl ProxyHttp for Gateway {
         up: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let state = ctx.state.clone();
-        let route = ctx
-            .route()
-            .ok_or_else(|| Error::explain(InternalError, "no route"))?;
-        let _ = route;
-        // The client's X-Forwarded-For (exact name) is kept and extended;
-        // read it before every spelling of it is stripped below.
-        let prior_xff: Vec<String> = up
-            .headers
-            .get_all("x-forwarded-for")
-            .iter()
-            .filter_map(|v| v.to_str().ok().map(str::to_string))
-            .collect();
-        // Spoofable headers, every spelling an app may read as ours (see
-        // `headers`): our namespace, every route's mapped names, the
-        // forwarding headers we write, and, from clients that are not
-        // trusted proxies, the ones frameworks derive scheme and host from.
-        let mapped = &state.router.mapped_names;
-        let trusted = ctx.trusted;
-        let strip: Vec<http::HeaderName> = up
-            .headers
-            .keys()
-            .filter(|name| spoofable(name.as_str().as_bytes(), mapped, trusted))
-            .cloned()
-            .collect();
-        for name in &strip {
-            up.remove_header(name);
-        }
-
-        let spec = &state.config.session.cookie;
-        let merged = crate::cookie::strip_ours(
-            spec,
-            up.headers
-                .get_all(http::header::COOKIE)
-                .iter()
-                .map(|v| v.as_bytes()),
-        );
-        up.remove_header(&http::header::COOKIE);
-        if let Some(c) = merged {
-            up.insert_header(http::header::COOKIE, c)?;
-        }
-
-        up.insert_header(
-            "x-forwarded-proto",
-            if ctx.https { "https" } else { "http" },
-        )?;
-        if let Some(ip) = client_ip(session) {
-            let value = if prior_xff.is_empty() {
-                ip.to_string()
-            } else {
-                format!("{}, {ip}", prior_xff.join(", "))
-            };
-            up.insert_header("x-forwarded-for", value)?;
-        } else if !prior_xff.is_empty() {
-            up.insert_header("x-forwarded-for", prior_xff.join(", "))?;
-        }
-
-        if let Some(m) = ctx.session.meta {
-            up.insert_header("x-session-id", m.id.hex())?;
-            up.insert_header("x-session-created", (m.created / 1000).to_string())?;
-            up.insert_header("x-session-expires", (m.expires / 1000).to_string())?;
-        }
-        if ctx.https {
-            up.insert_header("x-session-secure", "1")?;
-        }
-        if ctx.session.degraded {
-            up.insert_header("x-session-degraded", "1")?;
-        }
-        if let Some(x) = ctx.forward.x_session.take() {
-            up.insert_header("x-session", x)?;
-        }
-        for (name, value) in std::mem::take(&mut ctx.forward.mapped) {
-            up.insert_header(name, value)?;
+        let prior_xff = strip_client_headers(up, ctx)?;
+        let forward = std::mem::take(&mut ctx.forward);
+        let ip = client_ip(session);
+        for (name, value) in ctx
+            .session
+            .upstream_headers(forward, ctx.https, ip, &prior_xff)
+        {
+            match name {
+                Cow::Borrowed(n) => up.insert_header(n, value)?,
+                Cow::Owned(n) => up.insert_header(n, value)?,
+            }
         }
         Ok(())
     }
@@ -513,61 +502,20 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let interim = is_interim(resp);
-        if !interim {
-            if let Some(t) = ctx.upstream_start {
-                ctx.upstream_time = Some(t.elapsed());
-            }
+        let status = resp.status.as_u16();
+        if let (false, Some(t)) = (exchange::is_interim(status), ctx.upstream_start) {
+            ctx.upstream_time = Some(t.elapsed());
         }
-        let state = ctx.state.clone();
-        let settings = &state.config.session.settings;
-        let mut names: Vec<http::HeaderName> = Vec::new();
-        let mut lines: Vec<(String, Vec<u8>)> = Vec::new();
-        for (name, value) in resp.headers.iter() {
-            if headers::in_session_namespace(name.as_str().as_bytes()) {
-                if !names.contains(name) {
-                    names.push(name.clone());
-                }
-                lines.push((name.as_str().to_string(), value.as_bytes().to_vec()));
-            }
+        let max_pairs = ctx.state.config.session.settings.limits.keys;
+        let headers = resp.headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
+        let read = exchange::read_response(status, headers, max_pairs);
+        for name in &read.strip {
+            resp.remove_header(name.as_str());
         }
-        for n in &names {
-            resp.remove_header(n);
+        if read.directives.is_some() {
+            ctx.directives = read.directives;
         }
-        // Only the final response's directives count: a `103 Early Hints`
-        // never reaches the session (browsers ignore its Set-Cookie).
-        if !interim {
-            ctx.directives = Some(directives::parse(
-                lines.iter().map(|(n, v)| (n.as_str(), v.as_slice())),
-                settings.limits.keys,
-            ));
-        }
-
-        // The upstream cannot set our cookies.
-        let spec = &state.config.session.cookie;
-        let cookies: Vec<http::HeaderValue> = resp
-            .headers
-            .get_all(http::header::SET_COOKIE)
-            .iter()
-            .cloned()
-            .collect();
-        let ours =
-            |v: &http::HeaderValue| spec.is_ours(crate::cookie::set_cookie_name(v.as_bytes()));
-        if cookies.iter().any(ours) {
-            resp.remove_header(&http::header::SET_COOKIE);
-            for v in cookies {
-                if ours(&v) {
-                    self.shared.metrics.upstream_cookies_dropped.inc();
-                    tracing::warn!(
-                        route = ctx.route_name(),
-                        "upstream Set-Cookie with a gateway cookie name dropped"
-                    );
-                } else {
-                    resp.append_header(http::header::SET_COOKIE, v)?;
-                }
-            }
-        }
-        Ok(())
+        self.drop_our_cookies(resp, ctx)
     }
 
     async fn response_filter(
@@ -576,135 +524,36 @@ impl ProxyHttp for Gateway {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if is_interim(resp) {
+        let state = ctx.state.clone();
+        let Some(route) = ctx.route.map(|i| &state.router.routes()[i]) else {
+            return Ok(());
+        };
+        if exchange::is_interim(resp.status.as_u16()) {
             return Ok(());
         }
-        let state = ctx.state.clone();
-        let Some(idx) = ctx.route else { return Ok(()) };
-        let route = &state.router.routes()[idx];
         let parsed = ctx
             .directives
             .take()
             .unwrap_or_else(|| Ok(Directives::default()));
-        let mut outcome =
-            parsed.and_then(|d| ctx.session.apply(&d, &self.write_context(ctx, route)));
-
-        if let Ok(o) = &outcome {
-            if let (Some(batch), Some(store)) = (&o.batch, &self.shared.store) {
-                ctx.store_round_trips += 1;
-                match self
-                    .timed("write", state.config.store.timeout, store.write(batch))
-                    .await
-                {
-                    Ok(()) => {}
-                    Err(StoreError::Rejected(e)) => outcome = Err(e),
-                    Err(e) if state.config.store.on_error == OnError::Fail => {
-                        tracing::error!(
-                            route = %route.cfg.name,
-                            session = %batch.key.id,
-                            error = %e,
-                            "session store write failed after the upstream answered; answering 503, nothing applied"
-                        );
-                        ctx.answer = Some(LocalAnswer {
-                            status: 503,
-                            body: "session store unavailable, try again\n".into(),
-                            retry_after: true,
-                        });
-                        return Error::e_explain(HTTPStatus(503), "session store write failed");
-                    }
-                    Err(e) => {
-                        outcome = Err(DirectiveError::new(
-                            DirectiveErrorKind::StoreUnavailable,
-                            format!("the session store is unavailable ({e})"),
-                        ))
-                    }
-                }
-            }
-        }
-
-        let outcome = match outcome {
-            Ok(o) => o,
-            Err(e) => {
+        let outcome = parsed.and_then(|d| ctx.session.apply(&d, &ctx.write_context(route)));
+        let write = self.write(ctx, &outcome).await;
+        match exchange::settle(outcome, write, state.config.store.on_error) {
+            Commit::Applied(o) => self.send_cookies(resp, ctx, o),
+            Commit::Rejected(e) => {
                 self.count_directive_error(ctx, &e);
-                if route.cfg.on_directive_error == OnDirectiveError::Reject {
-                    ctx.answer = Some(LocalAnswer {
-                        status: 502,
-                        // The reason label only: the detail names keys, and
-                        // the client must learn nothing of the session.
-                        body: format!(
-                            "gimlet: the upstream's session directives were rejected ({})\n",
-                            e.label()
-                        ),
-                        retry_after: false,
-                    });
-                    return Error::e_explain(HTTPStatus(502), "session directive rejected");
+                if route.cfg.on_directive_error == OnDirectiveError::Ignore {
+                    return Ok(());
                 }
-                return Ok(());
+                ctx.answer = Some(exchange::rejected_answer(&e));
+                Error::e_explain(HTTPStatus(502), "session directive rejected")
             }
-        };
-
-        let m = &self.shared.metrics;
-        for (i, n) in outcome.applied.iter().enumerate() {
-            if *n > 0 {
-                m.directives
-                    .with_label_values(&[crate::model::DIRECTIVE_LABELS[i]])
-                    .inc_by(*n as u64);
+            Commit::Unavailable(e) => {
+                let id = ctx.session.meta.map(|m| m.id);
+                tracing::error!(route = %route.cfg.name, session = ?id, error = %e, "session store write failed after the upstream answered; answering 503");
+                ctx.answer = Some(LocalAnswer::store_unavailable());
+                Error::e_explain(HTTPStatus(503), "session store write failed")
             }
         }
-        ctx.applied = outcome.directives_applied();
-        for (event, happened) in [
-            ("created", outcome.created),
-            ("regenerated", outcome.regenerated),
-            ("destroyed", outcome.destroyed),
-        ] {
-            if happened {
-                m.sessions.with_label_values(&[event]).inc();
-            }
-        }
-        if outcome.set_cookies.is_empty() {
-            return Ok(());
-        }
-        for line in outcome.set_cookies {
-            m.set_cookie_bytes.observe(line.len() as f64);
-            resp.append_header(http::header::SET_COOKIE, line)?;
-        }
-        // Never cache a response that carries someone's session cookie.
-        let cc = resp
-            .headers
-            .get(http::header::CACHE_CONTROL)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_ascii_lowercase);
-        if !cc.as_deref().is_some_and(|c| c.contains("no-store")) {
-            let kept: Vec<&str> = cc
-                .as_deref()
-                .unwrap_or("")
-                .split(',')
-                .map(str::trim)
-                .filter(|d| {
-                    !d.is_empty() && *d != "public" && *d != "private" && !d.starts_with("s-maxage")
-                })
-                .collect();
-            let value = if kept.is_empty() {
-                "private".to_string()
-            } else {
-                format!("private, {}", kept.join(", "))
-            };
-            resp.insert_header(http::header::CACHE_CONTROL, value)?;
-        }
-        let vary: Vec<String> = resp
-            .headers
-            .get_all(http::header::VARY)
-            .iter()
-            .filter_map(|v| v.to_str().ok().map(str::to_string))
-            .collect();
-        let has = vary
-            .iter()
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("cookie") || t.trim() == "*");
-        if !has {
-            resp.append_header(http::header::VARY, "Cookie")?;
-        }
-        Ok(())
     }
 
     /// pingora's error lines carry this; keep the query string (tokens,
@@ -755,23 +604,10 @@ impl ProxyHttp for Gateway {
         // pingora drops the client connection after a failure past this
         // point; say so, so a client does not reuse it.
         session.set_keepalive(None);
-        if let Some(a) = &ctx.answer {
-            let extra: Vec<(&'static str, String)> = if a.retry_after {
-                vec![("retry-after", "1".to_string())]
-            } else {
-                vec![]
-            };
-            if let Err(err) = respond(session, a.status, &a.body, &extra).await {
-                tracing::debug!(error = %err, "could not write the error answer");
-            }
-            return FailToProxy {
-                error_code: a.status,
-                can_reuse_downstream: false,
-            };
-        }
-        let code = match e.etype() {
-            HTTPStatus(code) => *code,
-            _ => match e.esource() {
+        let code = match (&ctx.answer, e.etype()) {
+            (Some(a), _) => a.status,
+            (None, HTTPStatus(code)) => *code,
+            (None, _) => match e.esource() {
                 ErrorSource::Upstream => 502,
                 ErrorSource::Downstream => match e.etype() {
                     WriteError | ReadError | ConnectionClosed => 0,
@@ -780,23 +616,16 @@ impl ProxyHttp for Gateway {
                 ErrorSource::Internal | ErrorSource::Unset => 500,
             },
         };
-        // The error type and where it came from, never its context text.
-        tracing::error!(
-            route = ctx.route_name(),
-            peer = ?ctx.peer,
-            status = code,
-            error = e.etype().as_str(),
-            source = e.esource().as_str(),
-            "failed to proxy"
-        );
+        let a = match ctx.answer.take() {
+            Some(a) => a,
+            None => {
+                // The error type and where it came from, never its context text.
+                tracing::error!(route = ctx.route_name(), peer = ?ctx.peer, status = code, error = e.etype().as_str(), source = e.esource().as_str(), "failed to proxy");
+                LocalAnswer::text(code, failure_body(code))
+            }
+        };
         if code > 0 {
-            let body = match code {
-                502 => "upstream unavailable\n",
-                504 => "upstream timed out\n",
-                400 => "bad request\n",
-                _ => "gateway error\n",
-            };
-            if let Err(err) = respond(session, code, body, &[]).await {
+            if let Err(err) = respond(session, &a).await {
                 tracing::debug!(error = %err, "could not write the error answer");
             }
         }
@@ -808,18 +637,18 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session_, e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
-        let route = ctx.route_name().to_string();
+        let route = ctx.route_name();
         let m = &self.shared.metrics;
         let elapsed = ctx.start.elapsed();
         m.requests
-            .with_label_values(&[route.as_str(), status_label(status)])
+            .with_label_values(&[route, status_label(status)])
             .inc();
         m.request_duration
-            .with_label_values(&[route.as_str()])
+            .with_label_values(&[route])
             .observe(elapsed.as_secs_f64());
         if let Some(t) = ctx.upstream_time {
             m.upstream_duration
-                .with_label_values(&[route.as_str()])
+                .with_label_values(&[route])
                 .observe(t.as_secs_f64());
         }
         let req = session.req_header();
@@ -838,18 +667,14 @@ impl ProxyHttp for Gateway {
     }
 }
 
-/// A 1xx response other than `101 Switching Protocols`.
-fn is_interim(resp: &ResponseHeader) -> bool {
-    resp.status.is_informational() && resp.status != http::StatusCode::SWITCHING_PROTOCOLS
-}
-
-/// Must this client request header go before the request is forwarded?
-fn spoofable(name: &[u8], mapped: &[String], trusted: bool) -> bool {
-    headers::in_session_namespace(name)
-        || headers::OURS.iter().any(|o| headers::same_name(name, o))
-        || mapped.iter().any(|m| headers::same_name(name, m))
-        || headers::is_path_override(name)
-        || (!trusted && headers::is_forwarding(name))
+/// The body of a failure answer that is not one of ours.
+fn failure_body(code: u16) -> &'static str {
+    match code {
+        502 => "upstream unavailable\n",
+        504 => "upstream timed out\n",
+        400 => "bad request\n",
+        _ => "gateway error\n",
+    }
 }
 
 /// What the gateway makes of a request target (SPEC section 3, Path).

@@ -145,8 +145,8 @@ fn prefix_matches(prefix: &str, path: &str, ignore_case: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{OnDirectiveError, OnMissing};
     use crate::model::KeySet;
+    use crate::model::{OnDirectiveError, OnMissing};
     use std::time::Duration;
 
     fn route(name: &str, host: Option<&str>, prefix: &str) -> RouteConfig {

@@ -6,8 +6,9 @@
 
 use crate::admin::AdminApp;
 use crate::config::{Config, StoreKind};
+use crate::exchange::State;
 use crate::metrics::Metrics;
-use crate::proxy::{Gateway, Shared, State};
+use crate::proxy::{Gateway, Shared};
 use crate::store::{embedded::EmbeddedStore, memory::MemoryStore, redis::RedisStore, Store};
 use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;

@@ -4,9 +4,12 @@ use super::Session;
 use crate::codec::Codec;
 use crate::cookie::{self, CookieSpec};
 use crate::model::{
-    Channel, KeySet, Meta, Payload, Rejection, Settings, CHANNELS, FLAG_SPILL, FLAG_STORE,
+    Channel, KeySet, LocalAnswer, Meta, OnError, OnMissing, Payload, Rejection, Settings, CHANNELS,
+    FLAG_SPILL, FLAG_STORE,
 };
+use crate::store::{Loaded, StoreError, StoreKey};
 use percent_encoding::{AsciiSet, CONTROLS};
+use std::borrow::Cow;
 
 /// Cookies of one name looked at per request; more are ignored.
 const MAX_COOKIES_PER_NAME: usize = 4;
@@ -182,6 +185,122 @@ impl Session {
             }
         }
         LoadPlan(mask)
+    }
+
+    /// The store read this request needs (the session's key and the
+    /// channels to read), or `None`: SPEC section 6's "at most one round
+    /// trip to read, none when nothing to read".
+    pub fn load_request(
+        &self,
+        settings: &Settings,
+        read: &KeySet,
+        require: &[String],
+    ) -> Option<(StoreKey, LoadPlan)> {
+        let meta = self.meta?;
+        let plan = self.load_plan(settings, read, require);
+        (!plan.is_empty()).then(|| (StoreKey::from(meta), plan))
+    }
+
+    /// Take in the store read's result. `Err` when it failed and
+    /// `on_error: fail` says to answer 503; under `degrade` the session goes
+    /// on with its clientside keys only.
+    pub fn absorb(
+        &mut self,
+        result: Result<Loaded, StoreError>,
+        on_error: OnError,
+    ) -> Result<(), StoreError> {
+        match result {
+            Ok(loaded) => {
+                self.stored = loaded;
+                Ok(())
+            }
+            Err(e) if on_error == OnError::Fail => Err(e),
+            Err(_) => {
+                self.degraded = true;
+                Ok(())
+            }
+        }
+    }
+
+    /// The `require:` gate: `None` when every required key is set (and
+    /// visible); otherwise the route's `on_missing` answer, which also clears
+    /// rejected cookies. `path_and_query` fills a redirect's `{path}`.
+    pub fn gate(
+        &self,
+        settings: &Settings,
+        require: &[String],
+        on_missing: &OnMissing,
+        spec: &CookieSpec,
+        https: bool,
+        path_and_query: &str,
+    ) -> Option<LocalAnswer> {
+        if require.is_empty() || self.has_all(settings, require, https) {
+            return None;
+        }
+        let mut answer = match on_missing {
+            OnMissing::Redirect(target) => {
+                let enc = percent_encoding::utf8_percent_encode(
+                    path_and_query,
+                    percent_encoding::NON_ALPHANUMERIC,
+                );
+                let mut a = LocalAnswer::text(302, "login required\n");
+                a.headers
+                    .push(("location", target.replace("{path}", &enc.to_string())));
+                a
+            }
+            OnMissing::Status(code) => LocalAnswer::text(*code, "session required\n"),
+        };
+        for ch in CHANNELS {
+            if self.clear[ch.index()] {
+                answer
+                    .headers
+                    .push(("set-cookie", spec.clear_line(ch, https)));
+            }
+        }
+        Some(answer)
+    }
+
+    /// The headers the gateway adds to the upstream request (after the
+    /// spoofable ones were stripped), all built here: the scheme, the client
+    /// address, the session's identity, `X-Session` and the mapped headers.
+    pub fn upstream_headers(
+        &self,
+        forward: Forward,
+        https: bool,
+        client_ip: Option<std::net::IpAddr>,
+        prior_xff: &[String],
+    ) -> Vec<(Cow<'static, str>, String)> {
+        let mut h: Vec<(Cow<'static, str>, String)> = Vec::with_capacity(8 + forward.mapped.len());
+        let proto = if https { "https" } else { "http" };
+        h.push(("x-forwarded-proto".into(), proto.to_string()));
+        let mut xff = prior_xff.join(", ");
+        if let Some(ip) = client_ip {
+            if !xff.is_empty() {
+                xff.push_str(", ");
+            }
+            xff.push_str(&ip.to_string());
+        }
+        if !xff.is_empty() {
+            h.push(("x-forwarded-for".into(), xff));
+        }
+        if let Some(m) = self.meta {
+            h.push(("x-session-id".into(), m.id.hex()));
+            h.push(("x-session-created".into(), (m.created / 1000).to_string()));
+            h.push(("x-session-expires".into(), (m.expires / 1000).to_string()));
+        }
+        if https {
+            h.push(("x-session-secure".into(), "1".to_string()));
+        }
+        if self.degraded {
+            h.push(("x-session-degraded".into(), "1".to_string()));
+        }
+        if let Some(x) = forward.x_session {
+            h.push(("x-session".into(), x));
+        }
+        for (name, value) in forward.mapped {
+            h.push((name.into(), value));
+        }
+        h
     }
 
     /// The `X-Session` value and mapped headers for a route. `Err(size)` when

@@ -25,6 +25,15 @@ pub struct StoreKey {
     pub tag: u32,
 }
 
+impl From<crate::model::Meta> for StoreKey {
+    fn from(m: crate::model::Meta) -> StoreKey {
+        StoreKey {
+            id: m.id,
+            tag: m.tag,
+        }
+    }
+}
+
 /// Server-side values per channel; `None` for channels not read.
 pub type Loaded = [Option<BTreeMap<String, String>>; 4];
 

@@ -1,0 +1,442 @@
+//! One request's way through the gateway, without pingora. Each hook in
+//! [`crate::proxy`] reads what pingora hands in, calls one function here (or
+//! on [`Session`]), and writes the answer back, so every decision below is
+//! unit-tested without a server:
+//!
+//! ```text
+//! request_filter           open -> Session::load_request / absorb -> admit
+//! upstream_request_filter  spoofable, Session::upstream_headers
+//! upstream_response_filter read_response, upstream_cookie_is_ours
+//! response_filter          Session::apply -> (store write) -> settle -> cache_headers
+//! ```
+
+use crate::codec::Codec;
+use crate::config::Config;
+use crate::directives::{self, Directives};
+use crate::headers;
+use crate::model::{DirectiveError, DirectiveErrorKind, LocalAnswer, OnError};
+use crate::routes::{Route, Router};
+use crate::session::{Forward, Outcome, RequestInfo, Session};
+use crate::store::StoreError;
+use ipnet::IpNet;
+use std::net::IpAddr;
+
+/// Everything a request needs that a reload may replace.
+pub struct State {
+    pub config: Config,
+    pub codec: Codec,
+    pub router: Router,
+}
+
+impl State {
+    pub fn new(config: Config) -> Result<State, String> {
+        let router = Router::new(&config.routes)?;
+        let codec = Codec::new(&config.session.secrets, config.session.encrypt);
+        Ok(State {
+            config,
+            codec,
+            router,
+        })
+    }
+}
+
+/// What the request hook read from pingora.
+pub struct Incoming<'a, C> {
+    /// From the URI (h2 `:authority`) or the `Host` header, with any port.
+    pub host: Option<&'a str>,
+    /// The normalized path ([`crate::path`]).
+    pub path: &'a str,
+    /// Every `Cookie` header value.
+    pub cookies: C,
+    /// `X-Forwarded-Proto: https` was sent (believed from trusted proxies only).
+    pub forwarded_https: bool,
+    /// The request came in over TLS.
+    pub tls: bool,
+    pub client_ip: Option<IpAddr>,
+    pub now: u64,
+}
+
+/// The request, routed and its cookies read.
+pub struct Opened {
+    /// Index into [`Router::routes`].
+    pub route: usize,
+    pub https: bool,
+    /// The client is in `trusted_proxies`.
+    pub trusted: bool,
+    pub session: Session,
+}
+
+fn is_trusted(proxies: &[IpNet], ip: Option<IpAddr>) -> bool {
+    ip.is_some_and(|ip| proxies.iter().any(|n| n.contains(&ip)))
+}
+
+/// Route the request (404 when nothing matches), decide its scheme, and
+/// read its cookies.
+pub fn open<'c, C: Iterator<Item = &'c [u8]>>(
+    state: &State,
+    req: Incoming<'_, C>,
+) -> Result<Opened, LocalAnswer> {
+    let route = crate::path::route_path(req.path);
+    let Some(idx) = state.router.find(req.host, &route) else {
+        return Err(LocalAnswer::text(404, "no route for this host and path\n"));
+    };
+    let cfg = &state.config;
+    let trusted = is_trusted(&cfg.trusted_proxies, req.client_ip);
+    let https = req.tls || cfg.session.settings.dev_insecure || (req.forwarded_https && trusted);
+    let session = Session::from_cookies(
+        &state.codec,
+        &cfg.session.cookie,
+        &cfg.session.settings,
+        req.cookies,
+        RequestInfo {
+            https,
+            now: req.now,
+        },
+    );
+    Ok(Opened {
+        route: idx,
+        https,
+        trusted,
+        session,
+    })
+}
+
+/// Why [`admit`] answered locally.
+pub struct Refused {
+    pub answer: LocalAnswer,
+    /// `Some(bytes)`: the readable keys exceed `limits.forward_bytes`.
+    pub too_large: Option<usize>,
+}
+
+/// After the store read: the `require:` gate, then what to forward (500
+/// when the readable keys exceed `limits.forward_bytes`).
+pub fn admit(
+    state: &State,
+    route: &Route,
+    session: &Session,
+    https: bool,
+    path_and_query: &str,
+) -> Result<Forward, Refused> {
+    let s = &state.config.session;
+    let r = &route.cfg;
+    if let Some(answer) = session.gate(
+        &s.settings,
+        &r.require,
+        &r.on_missing,
+        &s.cookie,
+        https,
+        path_and_query,
+    ) {
+        return Err(Refused {
+            answer,
+            too_large: None,
+        });
+    }
+    session
+        .forward(&s.settings, &r.read, &r.headers, https)
+        .map_err(|size| Refused {
+            answer: LocalAnswer::text(
+                500,
+                format!(
+                    "the session data this route reads is {size} bytes, more than session.limits.forward_bytes ({}); narrow the route's read: list\n",
+                    s.settings.limits.forward_bytes
+                ),
+            ),
+            too_large: Some(size),
+        })
+}
+
+/// Must this client request header go before the request is forwarded?
+/// Our namespace, every route's mapped names, the forwarding headers we
+/// write, path overrides, and, from clients that are not trusted proxies,
+/// the headers frameworks derive scheme and host from (all folded, see
+/// [`headers`]).
+pub fn spoofable(name: &[u8], mapped: &[String], trusted: bool) -> bool {
+    headers::in_session_namespace(name)
+        || headers::OURS.iter().any(|o| headers::same_name(name, o))
+        || mapped.iter().any(|m| headers::same_name(name, m))
+        || headers::is_path_override(name)
+        || (!trusted && headers::is_forwarding(name))
+}
+
+/// What the upstream's response headers say to the session.
+pub struct ResponseRead {
+    /// Header names to remove before the response goes on (our namespace,
+    /// every spelling).
+    pub strip: Vec<String>,
+    /// The directives, `None` for an informational response.
+    pub directives: Option<Result<Directives, DirectiveError>>,
+}
+
+/// A 1xx response other than `101 Switching Protocols`: its directives are
+/// removed and never applied (SPEC section 4).
+pub fn is_interim(status: u16) -> bool {
+    (100..200).contains(&status) && status != 101
+}
+
+/// Collect and parse the `X-Session*` response headers.
+pub fn read_response<'a>(
+    status: u16,
+    headers: impl Iterator<Item = (&'a str, &'a [u8])>,
+    max_pairs: usize,
+) -> ResponseRead {
+    let mut strip: Vec<String> = Vec::new();
+    let mut lines: Vec<(&str, &[u8])> = Vec::new();
+    for (name, value) in headers {
+        if headers::in_session_namespace(name.as_bytes()) {
+            if !strip.iter().any(|n| n == name) {
+                strip.push(name.to_string());
+            }
+            lines.push((name, value));
+        }
+    }
+    let directives = (!is_interim(status)).then(|| directives::parse(lines.into_iter(), max_pairs));
+    ResponseRead { strip, directives }
+}
+
+/// Does an upstream `Set-Cookie` line set one of our cookies, as a browser
+/// would store it? (SPEC section 2: any case, `__Secure-`/`__Host-`, and
+/// nameless `=gimlet=…` cookies.)
+pub fn upstream_cookie_is_ours(state: &State, line: &[u8]) -> bool {
+    state
+        .config
+        .session
+        .cookie
+        .is_ours(crate::cookie::set_cookie_name(line))
+}
+
+/// How a response's directives ended, once the store has spoken.
+// Built and matched once per response, on the stack: boxing the large
+// variant would add an allocation to every request.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Commit {
+    /// Applied (or nothing to apply): send these cookies.
+    Applied(Outcome),
+    /// A directive error: nothing applied.
+    Rejected(DirectiveError),
+    /// The store write failed under `on_error: fail`: answer 503.
+    Unavailable(StoreError),
+}
+
+/// Combine the computed outcome with the store write's result (`None`: no
+/// write was needed).
+pub fn settle(
+    outcome: Result<Outcome, DirectiveError>,
+    write: Option<Result<(), StoreError>>,
+    on_error: OnError,
+) -> Commit {
+    match (outcome, write) {
+        (Err(e), _) => Commit::Rejected(e),
+        (Ok(o), None | Some(Ok(()))) => Commit::Applied(o),
+        (Ok(_), Some(Err(StoreError::Rejected(e)))) => Commit::Rejected(e),
+        (Ok(_), Some(Err(e))) if on_error == OnError::Fail => Commit::Unavailable(e),
+        (Ok(_), Some(Err(e))) => Commit::Rejected(DirectiveError::new(
+            DirectiveErrorKind::StoreUnavailable,
+            format!("the session store is unavailable ({e})"),
+        )),
+    }
+}
+
+/// The 502 answer for a rejected response under `on_directive_error:
+/// reject`: the reason label only, since the detail names keys.
+pub fn rejected_answer(e: &DirectiveError) -> LocalAnswer {
+    LocalAnswer::text(
+        502,
+        format!(
+            "gimlet: the upstream's session directives were rejected ({})\n",
+            e.label()
+        ),
+    )
+}
+
+/// A response that sets one of our cookies must not be cached for anyone
+/// else (SPEC section 2): the `Cache-Control` to set (`None`: leave the
+/// upstream's `no-store` alone) and whether `Vary: Cookie` must be added.
+pub fn cache_headers<'a>(
+    cache_control: Option<&str>,
+    vary: impl Iterator<Item = &'a str>,
+) -> (Option<String>, bool) {
+    let cc = cache_control.map(str::to_ascii_lowercase);
+    let control = if cc.as_deref().is_some_and(|c| c.contains("no-store")) {
+        None
+    } else {
+        let kept: Vec<&str> = cc
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|d| {
+                !d.is_empty() && *d != "public" && *d != "private" && !d.starts_with("s-maxage")
+            })
+            .collect();
+        Some(if kept.is_empty() {
+            "private".to_string()
+        } else {
+            format!("private, {}", kept.join(", "))
+        })
+    };
+    let has_cookie = vary
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("cookie") || t.trim() == "*");
+    (control, !has_cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(yaml_routes: &str) -> State {
+        let y = format!(
+            "trusted_proxies: [10.0.0.1]\nsession:\n  secrets: [\"0123456789abcdef0123456789abcdef\"]\nstore: {{ kind: memory }}\nroutes:\n{yaml_routes}"
+        );
+        State::new(Config::parse(&y, std::path::Path::new("/tmp/g.yaml")).unwrap()).unwrap()
+    }
+
+    fn incoming<'a>(
+        path: &'a str,
+        forwarded_https: bool,
+        ip: &str,
+    ) -> Incoming<'a, std::iter::Empty<&'a [u8]>> {
+        Incoming {
+            host: Some("app.test"),
+            path,
+            cookies: std::iter::empty(),
+            forwarded_https,
+            tls: false,
+            client_ip: Some(ip.parse().unwrap()),
+            now: 1,
+        }
+    }
+
+    const ROUTES: &str = "  - name: acct\n    match: { path_prefix: /account }\n    upstreams: [127.0.0.1:1]\n    session: { read: [user], require: [user], on_missing: { redirect: \"/login?next={path}\" } }\n  - name: api\n    match: { host: api.test }\n    upstreams: [127.0.0.1:1]\n";
+
+    #[test]
+    fn open_routes_on_the_path_without_parameters_and_trusts_only_proxies() {
+        let s = state(ROUTES);
+        let o = open(&s, incoming("/account;jsessionid=1", false, "10.0.0.2"))
+            .ok()
+            .unwrap();
+        assert_eq!(s.router.routes()[o.route].cfg.name, "acct");
+        assert!(!o.https && !o.trusted);
+        let o = open(&s, incoming("/account", true, "10.0.0.2"))
+            .ok()
+            .unwrap();
+        assert!(!o.https, "X-Forwarded-Proto from anyone");
+        let o = open(&s, incoming("/account", true, "10.0.0.1"))
+            .ok()
+            .unwrap();
+        assert!(o.https && o.trusted);
+        let e = open(&s, incoming("/other", false, "10.0.0.2"))
+            .err()
+            .unwrap();
+        assert_eq!(e.status, 404);
+    }
+
+    #[test]
+    fn admit_gates_with_the_route_answer() {
+        let s = state(ROUTES);
+        let o = open(&s, incoming("/account/x", false, "10.0.0.2"))
+            .ok()
+            .unwrap();
+        let r = &s.router.routes()[o.route];
+        let refused = admit(&s, r, &o.session, o.https, "/account/x?a=1")
+            .err()
+            .unwrap();
+        assert_eq!(refused.answer.status, 302);
+        assert_eq!(
+            refused.answer.headers,
+            vec![("location", "/login?next=%2Faccount%2Fx%3Fa%3D1".to_string())]
+        );
+        assert!(refused.too_large.is_none());
+    }
+
+    #[test]
+    fn spoofable_names() {
+        let mapped = vec!["x-remote-user".to_string()];
+        for (name, trusted, want) in [
+            ("X.Session", true, true),
+            ("x_remote_user", true, true),
+            ("X-Forwarded-Proto", true, true),
+            ("x_forwarded_for", true, true),
+            ("X-Original-URL", true, true),
+            ("X-Forwarded-Host", false, true),
+            ("X-Forwarded-Host", true, false),
+            ("Accept", false, false),
+            ("Cookie", false, false),
+        ] {
+            assert_eq!(spoofable(name.as_bytes(), &mapped, trusted), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn responses_strip_every_spelling_and_ignore_interim_directives() {
+        let h = [
+            ("x-session-set", &b"a=1"[..]),
+            ("x.session.incr", b"n=2"),
+            ("content-type", b"text/plain"),
+        ];
+        let r = read_response(200, h.iter().copied(), 256);
+        assert_eq!(r.strip, vec!["x-session-set", "x.session.incr"]);
+        let d = r.directives.unwrap().unwrap();
+        assert_eq!((d.set.len(), d.incr.len()), (1, 1));
+        let r = read_response(103, h.iter().copied(), 256);
+        assert_eq!(r.strip.len(), 2);
+        assert!(r.directives.is_none());
+        assert!(read_response(101, h.iter().copied(), 256)
+            .directives
+            .is_some());
+    }
+
+    #[test]
+    fn settle_maps_store_results() {
+        let ok = || Ok(Outcome::default());
+        assert!(matches!(
+            settle(ok(), None, OnError::Fail),
+            Commit::Applied(_)
+        ));
+        assert!(matches!(
+            settle(ok(), Some(Ok(())), OnError::Fail),
+            Commit::Applied(_)
+        ));
+        assert!(matches!(
+            settle(ok(), Some(Err(StoreError::Timeout)), OnError::Fail),
+            Commit::Unavailable(StoreError::Timeout)
+        ));
+        match settle(ok(), Some(Err(StoreError::Timeout)), OnError::Degrade) {
+            Commit::Rejected(e) => assert_eq!(e.kind, DirectiveErrorKind::StoreUnavailable),
+            other => panic!("{other:?}"),
+        }
+        let limits = DirectiveError::new(DirectiveErrorKind::TooManyKeys, "x");
+        match settle(ok(), Some(Err(StoreError::Rejected(limits))), OnError::Fail) {
+            Commit::Rejected(e) => assert_eq!(e.label(), "too_many_keys"),
+            other => panic!("{other:?}"),
+        }
+        let body = rejected_answer(&DirectiveError::new(
+            DirectiveErrorKind::NotAllowed,
+            "key `k`",
+        ));
+        assert_eq!(body.status, 502);
+        assert!(body.body.contains("(not_allowed)") && !body.body.contains("key"));
+    }
+
+    #[test]
+    fn cache_headers_keep_no_store_and_add_vary_once() {
+        assert_eq!(
+            cache_headers(None, std::iter::empty()),
+            (Some("private".into()), true)
+        );
+        assert_eq!(
+            cache_headers(
+                Some("public, max-age=60, s-maxage=600"),
+                ["Accept"].into_iter()
+            ),
+            (Some("private, max-age=60".into()), true)
+        );
+        assert_eq!(
+            cache_headers(Some("no-store"), ["Cookie"].into_iter()),
+            (None, false)
+        );
+        assert!(!cache_headers(None, ["accept, *"].into_iter()).1);
+    }
+}
