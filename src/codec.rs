@@ -100,8 +100,7 @@ impl Codec {
         let plain = encode_payload(payload);
         let mut out = Vec::with_capacity(1 + KID_LEN + NONCE_LEN + plain.len() + MAC_LEN);
         if self.encrypt {
-            let mut nonce = [0u8; NONCE_LEN];
-            getrandom::getrandom(&mut nonce).expect("the OS random number generator failed");
+            let nonce: [u8; NONCE_LEN] = crate::model::random_bytes();
             let aad = aad(name, FMT_AEAD, &key.id);
             let ct = key
                 .aead
@@ -333,8 +332,7 @@ fn get_varint(b: &mut &[u8]) -> Option<u64> {
 /// 32 random bytes, base64url: 43 characters.
 pub fn keygen() -> String {
     use base64::Engine;
-    let mut b = [0u8; 32];
-    getrandom::getrandom(&mut b).expect("the OS random number generator failed");
+    let b: [u8; 32] = crate::model::random_bytes();
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
 }
 

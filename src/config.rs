@@ -170,8 +170,17 @@ pub struct RouteConfig {
 // ---------------------------------------------------------------------------
 // Leaf types: every string goes through `${VAR}` expansion.
 
-/// Expand `${VAR}` and `${VAR:-default}` from the environment.
-pub fn expand_env(s: &str) -> Result<String, String> {
+/// Where `${VAR}` is looked up: the process environment, or (tests, the
+/// demo) a map handed in, so nothing has to call `set_var`.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// The process environment as an [`Env`].
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Expand `${VAR}` and `${VAR:-default}` from `env`.
+pub fn expand_env(s: &str, env: Env) -> Result<String, String> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(start) = rest.find("${") {
@@ -188,10 +197,10 @@ pub fn expand_env(s: &str) -> Result<String, String> {
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
             return Err(format!("`${{{inner}}}` is not a valid variable reference"));
         }
-        match (std::env::var(name), default) {
-            (Ok(v), _) => out.push_str(&v),
-            (Err(_), Some(d)) => out.push_str(d),
-            (Err(_), None) => return Err(format!("environment variable `{name}` is not set")),
+        match (env(name), default) {
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => return Err(format!("environment variable `{name}` is not set")),
         }
         rest = &after[end + 1..];
     }
@@ -570,6 +579,7 @@ impl LineIndex {
 
 struct Errors<'a> {
     index: &'a LineIndex,
+    env: Env<'a>,
     list: Vec<ConfigError>,
 }
 
@@ -601,6 +611,11 @@ impl Config {
 
     /// Validate config text; `file` anchors relative paths and messages.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
+        Config::parse_with(text, file, &process_env)
+    }
+
+    /// [`Config::parse`] with `${VAR}` looked up in `env`.
+    pub fn parse_with(text: &str, file: &Path, env: Env) -> Result<Config, ConfigErrors> {
         let index = LineIndex::build(text);
         let fail = |errors| ConfigErrors {
             file: file.to_path_buf(),
@@ -611,6 +626,7 @@ impl Config {
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut errs = Errors {
             index: &index,
+            env,
             list: Vec::new(),
         };
         let cfg = build(raw, file, &base, &mut errs);
@@ -730,7 +746,7 @@ fn resolve(base: &Path, p: &str) -> PathBuf {
 impl Errors<'_> {
     /// A string field after `${VAR}` expansion.
     fn text(&mut self, path: &str, raw: &str) -> String {
-        match expand_env(raw) {
+        match expand_env(raw, self.env) {
             Ok(v) => v,
             Err(m) => {
                 self.add(path, m);
@@ -804,7 +820,7 @@ impl Errors<'_> {
         if !valid_key(&k) {
             self.add(
                 path,
-                format!("invalid key `{k}` (keys match [A-Za-z0-9_.-]{{1,64}})"),
+                format!("invalid key `{k}` ({})", crate::model::KEY_SYNTAX),
             );
         }
         k
@@ -1226,7 +1242,7 @@ fn build_session(
         if !valid_key(k) {
             e.add(
                 field.clone(),
-                format!("invalid key `{k}` (keys match [A-Za-z0-9_.-]{{1,64}})"),
+                format!("invalid key `{k}` ({})", crate::model::KEY_SYNTAX),
             );
         }
         // Fields a declaration leaves out: server-side, permanent, not secure.
@@ -1323,9 +1339,7 @@ fn build_session(
 
 /// An HTTP header name token.
 fn valid_header_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    http::HeaderName::from_bytes(n.as_bytes()).is_ok()
 }
 
 fn valid_upstream(u: &str) -> bool {
@@ -1619,7 +1633,7 @@ mod tests {
 
     #[test]
     fn env_and_file_secrets() {
-        std::env::set_var("GIMLET_TEST_SECRET_X", SECRET);
+        let env = |n: &str| (n == "GIMLET_TEST_SECRET_X").then(|| SECRET.to_string());
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("s");
         std::fs::write(&f, format!("{SECRET}-from-file\n")).unwrap();
@@ -1627,7 +1641,7 @@ mod tests {
             "session:\n  secrets: [\"${{GIMLET_TEST_SECRET_X}}\", \"file:{}\"]\nroutes:\n  - name: a\n    upstreams: [\"${{GIMLET_TEST_UP:-127.0.0.1:9}}\"]\n",
             f.display()
         );
-        let c = parse(&y).unwrap();
+        let c = Config::parse_with(&y, Path::new("/etc/gimlet/gimlet.yaml"), &env).unwrap();
         assert_eq!(
             c.session.secrets,
             vec![SECRET.to_string(), format!("{SECRET}-from-file")]
@@ -1755,7 +1769,8 @@ mod tests {
 
     #[test]
     fn env_expansion() {
-        std::env::set_var("GIMLET_TEST_A", "x");
+        let env = |n: &str| (n == "GIMLET_TEST_A").then(|| "x".to_string());
+        let expand_env = |s: &str| super::expand_env(s, &env);
         assert_eq!(
             expand_env("a${GIMLET_TEST_A}b${GIMLET_TEST_A}").unwrap(),
             "axbx"

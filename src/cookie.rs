@@ -112,7 +112,7 @@ impl CookieSpec {
     /// to keep the upstream from setting our cookies and to keep our
     /// cookies from reaching the upstream.
     pub fn is_ours(&self, name: &[u8]) -> bool {
-        let mut n = trim(name);
+        let mut n = name.trim_ascii();
         for prefix in [&b"__secure-"[..], b"__host-"] {
             if n.len() >= prefix.len() && n[..prefix.len()].eq_ignore_ascii_case(prefix) {
                 n = &n[prefix.len()..];
@@ -210,28 +210,10 @@ fn http_date(unix_secs: u64) -> String {
 /// `=` are skipped (browsers do not send them for our cookies).
 pub fn pairs(header: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
     header.split(|&b| b == b';').filter_map(|part| {
-        let part = trim(part);
+        let part = part.trim_ascii();
         let eq = part.iter().position(|&b| b == b'=')?;
-        Some((trim(&part[..eq]), trim(&part[eq + 1..])))
+        Some((part[..eq].trim_ascii(), part[eq + 1..].trim_ascii()))
     })
-}
-
-fn trim(mut b: &[u8]) -> &[u8] {
-    while let [first, rest @ ..] = b {
-        if first.is_ascii_whitespace() {
-            b = rest;
-        } else {
-            break;
-        }
-    }
-    while let [rest @ .., last] = b {
-        if last.is_ascii_whitespace() {
-            b = rest;
-        } else {
-            break;
-        }
-    }
-    b
 }
 
 /// The `Cookie` header to send upstream: every `Cookie` field of the request
@@ -244,14 +226,14 @@ pub fn strip_ours<'a>(
     let mut out = Vec::new();
     for h in headers {
         for part in h.split(|&b| b == b';') {
-            let part = trim(part);
+            let part = part.trim_ascii();
             if part.is_empty() {
                 continue;
             }
             let name = part
                 .iter()
                 .position(|&b| b == b'=')
-                .map_or(part, |eq| trim(&part[..eq]));
+                .map_or(part, |eq| part[..eq].trim_ascii());
             if spec.is_ours(name) {
                 continue;
             }
@@ -271,13 +253,13 @@ pub fn strip_ours<'a>(
 pub fn set_cookie_name(line: &[u8]) -> &[u8] {
     let pair = line.split(|&b| b == b';').next().unwrap_or(line);
     match pair.iter().position(|&b| b == b'=') {
-        Some(eq) if !trim(&pair[..eq]).is_empty() => trim(&pair[..eq]),
+        Some(eq) if !pair[..eq].trim_ascii().is_empty() => pair[..eq].trim_ascii(),
         Some(eq) => {
-            let value = trim(&pair[eq + 1..]);
+            let value = pair[eq + 1..].trim_ascii();
             let end = value.iter().position(|&b| b == b'=').unwrap_or(value.len());
-            trim(&value[..end])
+            value[..end].trim_ascii()
         }
-        None => trim(pair),
+        None => pair.trim_ascii(),
     }
 }
 

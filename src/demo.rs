@@ -31,15 +31,17 @@ pub fn run(listen: &str, data: &Path) -> Result<(), String> {
     let app_addr = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map_err(|e| format!("cannot find a port for the demo app: {e}"))?;
-    // The config reads these through ${...}; this process is their only user.
-    std::env::set_var("GIMLET_DEMO_LISTEN", listen);
-    std::env::set_var("GIMLET_DEMO_UPSTREAM", app_addr.to_string());
-    std::env::set_var(
-        "GIMLET_DEMO_SECRET",
-        format!("file:{}", secret_file.display()),
-    );
-    std::env::set_var("GIMLET_DEMO_DATA", data.display().to_string());
-    let config = Config::parse(CONFIG, &data.join("demo.yaml")).map_err(|e| e.to_string())?;
+    // The config reads these through ${...}; anything else from the process
+    // environment.
+    let env = |name: &str| match name {
+        "GIMLET_DEMO_LISTEN" => Some(listen.to_string()),
+        "GIMLET_DEMO_UPSTREAM" => Some(app_addr.to_string()),
+        "GIMLET_DEMO_SECRET" => Some(format!("file:{}", secret_file.display())),
+        "GIMLET_DEMO_DATA" => Some(data.display().to_string()),
+        other => crate::config::process_env(other),
+    };
+    let config =
+        Config::parse_with(CONFIG, &data.join("demo.yaml"), &env).map_err(|e| e.to_string())?;
     crate::logging::init(&config.log);
 
     let mut app = Service::new("gimlet demo app".to_string(), HttpServer::new_app(DemoApp));

@@ -124,7 +124,10 @@ fn bad_key(header: &str, key: &str) -> DirectiveError {
     };
     DirectiveError::new(
         DirectiveErrorKind::BadKey,
-        format!("{header}: invalid key {shown} (keys match [A-Za-z0-9_.-]{{1,64}})"),
+        format!(
+            "{header}: invalid key {shown} ({})",
+            crate::model::KEY_SYNTAX
+        ),
     )
 }
 

@@ -20,9 +20,7 @@ pub struct SessionId(pub [u8; 16]);
 
 impl SessionId {
     pub fn random() -> SessionId {
-        let mut b = [0u8; 16];
-        getrandom::getrandom(&mut b).expect("the OS random number generator failed");
-        SessionId(b)
+        SessionId(random_bytes())
     }
 
     pub fn hex(&self) -> String {
@@ -51,10 +49,19 @@ impl fmt::Debug for SessionId {
 /// Regenerate, so that every store key of a session (old id and new id) lands
 /// in one Redis Cluster slot and a Regenerate can move data in one transaction.
 pub fn random_tag() -> u32 {
-    let mut b = [0u8; 4];
-    getrandom::getrandom(&mut b).expect("the OS random number generator failed");
-    u32::from_le_bytes(b)
+    u32::from_le_bytes(random_bytes())
 }
+
+/// `N` bytes from the OS CSPRNG. A machine without one cannot run a
+/// session gateway at all, so failing is a panic.
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    getrandom::getrandom(&mut b).expect("the OS random number generator failed");
+    b
+}
+
+/// How every error message states the key syntax.
+pub const KEY_SYNTAX: &str = "keys match [A-Za-z0-9_.-]{1,64}";
 
 /// Where a key lives. Every cookie and every store hash belongs to one channel.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
@@ -457,6 +464,34 @@ impl DirectiveError {
     pub fn label(&self) -> &'static str {
         self.kind.label()
     }
+}
+
+impl DirectiveError {
+    pub fn not_integer(key: &str) -> DirectiveError {
+        DirectiveError::new(
+            DirectiveErrorKind::NotInteger,
+            format!("X-Session-Incr: the stored value of `{key}` is not an integer"),
+        )
+    }
+
+    pub fn overflow(key: &str) -> DirectiveError {
+        DirectiveError::new(
+            DirectiveErrorKind::Overflow,
+            format!("X-Session-Incr: `{key}` would pass the 64-bit range"),
+        )
+    }
+}
+
+/// SPEC section 4's Incr: `current` (absent counts from 0) plus `n`, in 64
+/// bits; the same rule for the gateway (clientside keys) and the in-process
+/// stores (the Redis script mirrors it).
+pub fn incremented(current: Option<&str>, key: &str, n: i64) -> Result<i64, DirectiveError> {
+    let cur = match current {
+        None => 0,
+        Some(v) => parse_i64(v).ok_or_else(|| DirectiveError::not_integer(key))?,
+    };
+    cur.checked_add(n)
+        .ok_or_else(|| DirectiveError::overflow(key))
 }
 
 impl fmt::Display for DirectiveError {

@@ -681,15 +681,7 @@ async fn logs_hold_no_values_even_from_pingora() {
             ),
         )
         .unwrap();
-        let g = match rust_log {
-            None => Gateway::spawn_with(dir.path(), &f, false),
-            Some(level) => {
-                std::env::set_var("GIMLET_TEST_LOG", level);
-                let g = Gateway::spawn(dir.path(), &f);
-                std::env::remove_var("GIMLET_TEST_LOG");
-                g
-            }
-        };
+        let g = Gateway::spawn_logged(dir.path(), &f, rust_log);
         let mut b = Browser::new(&g);
         b.get("/", &[("X-Session-Set", "user=CLIENTVALUE3")]).await;
         let our_cookie = b.jar.get("gimlet").unwrap().to_string();

@@ -205,10 +205,7 @@ impl Session {
             out.applied[4] += 1;
             if let Some(m) = meta.take() {
                 if store_ok {
-                    batch_destroy = Some(StoreKey {
-                        id: m.id,
-                        tag: m.tag,
-                    });
+                    batch_destroy = Some(StoreKey::from(m));
                 }
                 for ch in CHANNELS {
                     let i = ch.index();
@@ -310,7 +307,7 @@ impl Session {
                     Some(x) => {
                         x.1 =
                             x.1.checked_add(*n)
-                                .ok_or_else(|| crate::store::overflow(key))?
+                                .ok_or_else(|| DirectiveError::overflow(key))?
                     }
                     None => e.incr.push((key.clone(), *n)),
                 }
@@ -661,13 +658,7 @@ impl Session {
                 Some(idle) => m.expires.min(m.touched.saturating_add(idle)),
                 None => m.expires,
             };
-            let mut b = WriteBatch::new(
-                StoreKey {
-                    id: m.id,
-                    tag: m.tag,
-                },
-                expire_at,
-            );
+            let mut b = WriteBatch::new(StoreKey::from(m), expire_at);
             b.destroy = batch_destroy;
             b.rename_from = rename_from;
             b.channels = w.ops;
@@ -683,12 +674,7 @@ impl Session {
 }
 
 fn add(current: Option<String>, key: &str, n: i64) -> Result<i64, DirectiveError> {
-    let cur = match current {
-        None => 0,
-        Some(v) => crate::model::parse_i64(&v).ok_or_else(|| crate::store::not_integer(key))?,
-    };
-    cur.checked_add(n)
-        .ok_or_else(|| crate::store::overflow(key))
+    crate::model::incremented(current.as_deref(), key, n)
 }
 
 fn check_policy(

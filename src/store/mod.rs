@@ -212,11 +212,7 @@ impl Record {
             map.insert(k.clone(), v.clone());
         }
         for (k, n) in &w.incr {
-            let cur = match map.get(k) {
-                None => 0,
-                Some(v) => crate::model::parse_i64(v).ok_or_else(|| not_integer(k))?,
-            };
-            let next = cur.checked_add(*n).ok_or_else(|| overflow(k))?;
+            let next = crate::model::incremented(map.get(k).map(String::as_str), k, *n)?;
             map.insert(k.clone(), next.to_string());
         }
         Ok(())
@@ -275,20 +271,6 @@ impl Record {
         }
         out
     }
-}
-
-pub fn not_integer(k: &str) -> DirectiveError {
-    DirectiveError::new(
-        DirectiveErrorKind::NotInteger,
-        format!("X-Session-Incr: the stored value of `{k}` is not an integer"),
-    )
-}
-
-pub fn overflow(k: &str) -> DirectiveError {
-    DirectiveError::new(
-        DirectiveErrorKind::Overflow,
-        format!("X-Session-Incr: `{k}` would pass the 64-bit range"),
-    )
 }
 
 #[cfg(test)]

@@ -324,8 +324,10 @@ impl SessionStore for RedisStore {
             with_conn!(conn, c => inv.invoke_async(&mut c).await).map_err(unavailable)?;
         match reply.first().map(String::as_str) {
             Some("ok") => Ok(()),
-            Some("not_integer") => Err(StoreError::Rejected(super::not_integer(&reply[1]))),
-            Some("overflow") => Err(StoreError::Rejected(super::overflow(&reply[1]))),
+            Some("not_integer") => {
+                Err(StoreError::Rejected(DirectiveError::not_integer(&reply[1])))
+            }
+            Some("overflow") => Err(StoreError::Rejected(DirectiveError::overflow(&reply[1]))),
             Some(reason @ ("too_many_keys" | "session_too_large")) => {
                 let (kind, what) = if reason == "too_many_keys" {
                     (

@@ -156,14 +156,17 @@ impl Gateway {
 
     /// `rust_log: false` leaves `RUST_LOG` unset, so `log:` in the file rules.
     pub fn spawn_with(dir: &Path, config: &Path, rust_log: bool) -> Gateway {
+        let level = std::env::var("GIMLET_TEST_LOG").unwrap_or_else(|_| "gimlet=info,warn".into());
+        Gateway::spawn_logged(dir, config, rust_log.then_some(level.as_str()))
+    }
+
+    /// Run with `RUST_LOG` set to `rust_log` (`None`: unset).
+    pub fn spawn_logged(dir: &Path, config: &Path, rust_log: Option<&str>) -> Gateway {
         let stderr_log = dir.join(format!("gimlet-{}.log", unique()));
         let mut cmd = Command::new(bin());
         cmd.args(["run", "-c"]).arg(config).env_remove("RUST_LOG");
-        if rust_log {
-            cmd.env(
-                "RUST_LOG",
-                std::env::var("GIMLET_TEST_LOG").unwrap_or_else(|_| "gimlet=info,warn".into()),
-            );
+        if let Some(level) = rust_log {
+            cmd.env("RUST_LOG", level);
         }
         let mut child = cmd
             .stdout(Stdio::piped())
