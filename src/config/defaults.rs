@@ -1,0 +1,34 @@
+//! Every default of the config file, named, in one place (SPEC section 7
+//! and the README's field reference say the same).
+
+use std::time::Duration;
+
+/// `listen:` left out: one plain listener.
+pub const LISTEN: &str = "0.0.0.0:8080";
+/// `server.grace_period`: how long SIGTERM lets requests finish.
+pub const GRACE_PERIOD: Duration = Duration::from_secs(5);
+
+/// `session.cookie.name`.
+pub const COOKIE_NAME: &str = "gimlet";
+/// `session.cookie.path`, and `match.path_prefix`.
+pub const PATH: &str = "/";
+/// `session.lifetime`: seven days.
+pub const LIFETIME: Duration = Duration::from_secs(7 * 86400);
+/// `session.touch_interval`.
+pub const TOUCH_INTERVAL: Duration = Duration::from_secs(60);
+
+/// `store.path` (embedded), relative to the config file.
+pub const EMBEDDED_PATH: &str = "data/sessions.redb";
+/// `store.cache` (embedded): sessions kept in memory in front of the file.
+pub const EMBEDDED_CACHE: usize = 10_000;
+/// `store.prefix` (Redis).
+pub const REDIS_PREFIX: &str = "gimlet:";
+/// `store.timeout`: bounds every store round trip.
+pub const STORE_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// `routes[].session.on_missing`: `{status: 401}`.
+pub const ON_MISSING_STATUS: u16 = 401;
+/// `routes[].connect_timeout`.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// `routes[].read_timeout`.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(60);

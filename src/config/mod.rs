@@ -1,0 +1,581 @@
+//! The YAML config file (SPEC section 7): parsed strictly (unknown fields are
+//! errors), every string `${VAR}`-expanded, then validated into [`Config`].
+//!
+//! Every error names the field (`routes[1].session.write`) and its line.
+//! serde_yaml reports syntax and type errors with a path and a line; for
+//! errors found after parsing, [`LineIndex`] maps a field path back to the
+//! line it was written on.
+//!
+//! The files: this one holds the public types, loading and the top-level
+//! sections; [`raw`] the file as written (serde structs); [`lines`] field
+//! paths to lines; [`errors`] error collection and redaction; [`source`]
+//! `${VAR}`, `file:` and relative paths; [`defaults`] every default in one
+//! place; [`store`], [`session`] and [`routes`] build their sections.
+
+mod defaults;
+mod errors;
+mod lines;
+mod raw;
+mod routes;
+mod session;
+mod source;
+mod store;
+
+pub use errors::{ConfigError, ConfigErrors};
+pub use lines::LineIndex;
+pub use source::{expand_env, process_env, Env};
+
+use crate::cookie::CookieSpec;
+use crate::model::{KeySet, OnDirectiveError, OnError, OnMissing, Settings};
+use crate::store::redis::RedisOptions;
+use errors::{serde_error, Errors};
+use ipnet::IpNet;
+use raw::*;
+use source::resolve;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+// ---------------------------------------------------------------------------
+// The validated config.
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file this came from (for reload and relative paths).
+    pub file: PathBuf,
+    pub listen: Vec<Listener>,
+    pub admin: Option<SocketAddr>,
+    pub trusted_proxies: Vec<IpNet>,
+    pub log: LogConfig,
+    pub session: SessionConfig,
+    pub store: StoreConfig,
+    pub server: ServerConfig,
+    pub paths: PathsConfig,
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `paths:` (SPEC section 3).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PathsConfig {
+    /// `escaped_separators: keep`: pass `%2F` / `%5C` on undecoded instead
+    /// of answering 400.
+    pub keep_escaped_separators: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct SessionConfig {
+    /// Key material; never logged.
+    pub secrets: Vec<String>,
+    pub encrypt: bool,
+    pub cookie: CookieSpec,
+    pub settings: Settings,
+    pub revocation: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreKind {
+    None,
+    Memory,
+    Embedded {
+        path: PathBuf,
+        /// Sessions kept in memory in front of the file (0: none).
+        cache: usize,
+    },
+    Redis(RedisOptions),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    pub timeout: Duration,
+    pub on_error: OnError,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub threads: usize,
+    pub grace_period: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct RouteConfig {
+    pub name: String,
+    /// Lowercase; `*.suffix` for wildcards.
+    pub host: Option<String>,
+    /// Normalized (see [`crate::path`]), without `;` parameters.
+    pub path_prefix: String,
+    /// `match.ignore_case`: compare `path_prefix` case-insensitively.
+    pub ignore_case: bool,
+    /// `host:port` strings, resolved when the gateway starts.
+    pub upstreams: Vec<String>,
+    pub read: KeySet,
+    pub write: KeySet,
+    /// (header name, session key)
+    pub headers: Vec<(String, String)>,
+    pub require: Vec<String>,
+    pub on_missing: OnMissing,
+    pub on_directive_error: OnDirectiveError,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+impl Config {
+    /// Read and validate a config file.
+    pub fn load(file: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigErrors {
+            file: file.to_path_buf(),
+            errors: vec![ConfigError {
+                path: String::new(),
+                line: None,
+                message: format!("cannot read the file: {e}"),
+            }],
+        })?;
+        Config::parse(&text, file)
+    }
+
+    /// Validate config text; `file` anchors relative paths and messages.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
+        Config::parse_with(text, file, &process_env)
+    }
+
+    /// [`Config::parse`] with `${VAR}` looked up in `env`.
+    pub fn parse_with(text: &str, file: &Path, env: Env) -> Result<Config, ConfigErrors> {
+        let index = LineIndex::build(text);
+        let fail = |errors| ConfigErrors {
+            file: file.to_path_buf(),
+            errors,
+        };
+        let raw: RawConfig =
+            serde_yaml::from_str(text).map_err(|e| fail(vec![serde_error(&e, &index)]))?;
+        let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut errs = Errors {
+            index: &index,
+            env,
+            list: Vec::new(),
+        };
+        let cfg = build(raw, file, &base, &mut errs);
+        if errs.list.is_empty() {
+            Ok(cfg)
+        } else {
+            Err(fail(errs.list))
+        }
+    }
+}
+
+/// Turn a serde_yaml error into "field: message (line N)".
+fn build(raw: RawConfig, file: &Path, base: &Path, e: &mut Errors) -> Config {
+    let listen: Vec<Listener> = match &raw.listen {
+        None => vec![Listener {
+            addr: defaults::LISTEN.parse().expect("a valid address"),
+            tls: None,
+        }],
+        Some(l) => l
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| {
+                let addr = e.addr(&format!("listen[{i}].addr"), &l.addr);
+                let tls = l.tls.as_ref().map(|t| {
+                    let cert = e.text(&format!("listen[{i}].tls.cert"), &t.cert);
+                    let key = e.text(&format!("listen[{i}].tls.key"), &t.key);
+                    let files = TlsFiles {
+                        cert: resolve(base, &cert),
+                        key: resolve(base, &key),
+                    };
+                    for (field, p) in [("cert", &files.cert), ("key", &files.key)] {
+                        if !p.is_file() {
+                            e.add(
+                                format!("listen[{i}].tls.{field}"),
+                                format!("file not found: {}", p.display()),
+                            );
+                        }
+                    }
+                    files
+                });
+                addr.map(|addr| Listener { addr, tls })
+            })
+            .collect(),
+    };
+    if raw.listen.as_ref().is_some_and(|l| l.is_empty()) {
+        e.add("listen", "at least one listener is needed");
+    }
+    for (i, l) in listen.iter().enumerate() {
+        if listen[..i]
+            .iter()
+            .any(|o| o.addr == l.addr && l.addr.port() != 0)
+        {
+            e.add(
+                format!("listen[{i}].addr"),
+                format!("{} is listed twice", l.addr),
+            );
+        }
+    }
+    let admin = raw
+        .admin
+        .as_ref()
+        .and_then(|a| e.addr("admin.addr", &a.addr));
+
+    let trusted_proxies = raw
+        .trusted_proxies
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| {
+            let path = format!("trusted_proxies[{i}]");
+            let s = e.text(&path, s);
+            let s = s.trim();
+            let parsed = s
+                .parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from));
+            match parsed {
+                Ok(n) => Some(n),
+                Err(_) => {
+                    e.add(
+                        path,
+                        format!("invalid CIDR `{s}` (write e.g. 10.0.0.0/8 or 127.0.0.1)"),
+                    );
+                    None
+                }
+            }
+        })
+        .collect();
+
+    let log = LogConfig {
+        format: e.pick("log.format", &raw.log.format),
+        level: e
+            .choice(
+                "log.level",
+                &raw.log.level,
+                &["info", "error", "warn", "debug", "trace"],
+            )
+            .to_string(),
+    };
+
+    let store = store::build_store(&raw.store, base, e);
+    let session = session::build_session(&raw.session, &store, base, e);
+
+    let server = ServerConfig {
+        threads: match raw.server.threads {
+            Some(0) => {
+                e.add("server.threads", "must be at least 1");
+                1
+            }
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        },
+        grace_period: e.duration(
+            "server.grace_period",
+            &raw.server.grace_period,
+            defaults::GRACE_PERIOD,
+        ),
+    };
+
+    let paths = PathsConfig {
+        keep_escaped_separators: e.choice(
+            "paths.escaped_separators",
+            &raw.paths.escaped_separators,
+            &["reject", "keep"],
+        ) == "keep",
+    };
+
+    let routes = routes::build_routes(&raw.routes, e);
+
+    Config {
+        file: file.to_path_buf(),
+        listen,
+        admin,
+        trusted_proxies,
+        log,
+        session,
+        store,
+        server,
+        paths,
+        routes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn parse(y: &str) -> Result<Config, ConfigErrors> {
+        Config::parse(y, Path::new("/etc/gimlet/gimlet.yaml"))
+    }
+
+    fn minimal(extra_session: &str) -> String {
+        format!(
+            "session:\n  secrets: [\"{SECRET}\"]\n{extra_session}routes:\n  - name: app\n    upstreams: [127.0.0.1:8000]\n"
+        )
+    }
+
+    #[test]
+    fn minimal_config_defaults() {
+        let c = parse(&minimal("")).unwrap();
+        assert_eq!(c.listen[0].addr.to_string(), "0.0.0.0:8080");
+        assert_eq!(
+            c.store.kind,
+            StoreKind::Embedded {
+                path: "/etc/gimlet/data/sessions.redb".into(),
+                cache: 10_000
+            }
+        );
+        assert_eq!(c.session.settings.lifetime, 7 * 86400 * 1000);
+        assert_eq!(c.session.settings.idle_timeout, None);
+        assert_eq!(c.routes[0].read, KeySet::All);
+        assert_eq!(c.routes[0].path_prefix, "/");
+        assert!(c
+            .session
+            .settings
+            .policies
+            .for_write("x")
+            .is_some_and(|p| !p.clientside));
+    }
+
+    #[test]
+    fn unknown_field_names_field_and_line() {
+        let y = format!("session:\n  secrets: [\"{SECRET}\"]\n  lifetyme: 1d\nroutes: []\n");
+        let e = parse(&y).unwrap_err().to_string();
+        assert!(
+            e.contains("session.lifetyme: unknown field `lifetyme`"),
+            "{e}"
+        );
+        assert!(e.contains("(line 3)"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_names_field_and_line() {
+        let e = parse(&minimal("  idle_timeout: 2 fortnights\n")).unwrap_err();
+        let err = &e.errors[0];
+        assert_eq!(err.path, "session.idle_timeout");
+        assert_eq!(err.line, Some(3));
+        assert!(err.message.contains("invalid duration"), "{}", err.message);
+    }
+
+    #[test]
+    fn short_secret_is_an_error_without_the_secret() {
+        let y = "session:\n  secrets: [\"tooshort-secret-value\"]\nroutes:\n  - name: a\n    upstreams: [127.0.0.1:1]\n";
+        let e = parse(y).unwrap_err().to_string();
+        assert!(e.contains("session.secrets[0]"), "{e}");
+        assert!(e.contains("line 2"), "{e}");
+        assert!(!e.contains("tooshort-secret-value"), "{e}");
+    }
+
+    #[test]
+    fn misplaced_secret_is_never_echoed() {
+        let secret = "s3cr3t-value-that-must-not-print-0123456789";
+        for session in [
+            format!("session:\n  secrets: \"{secret}\"\n"),
+            format!("session:\n  secrets: [\"{SECRET}\"]\n  encrypt: \"{secret}\"\n"),
+            format!("session:\n  secrets: [\"{SECRET}\"]\n  lifetime: [\"{secret}\"]\n"),
+            format!("session:\n  secrets: [[\"{secret}\"]]\n"),
+        ] {
+            let y = format!("{session}routes:\n  - name: app\n    upstreams: [127.0.0.1:8000]\n");
+            let err = parse(&y).unwrap_err().to_string();
+            assert!(!err.contains(secret), "{err}");
+            assert!(err.contains("session."), "names the field: {err}");
+        }
+        // Backtick-quoted values and keys, serde's and ours.
+        for session in [
+            "  secrets: [\"{S}\"]\n  lifetime: {V}\n".to_string(),
+            "  secrets: [\"{S}\"]\n  cookie: {{ same_site: {V} }}\n".to_string(),
+            "  secrets: [\"{S}\"]\n  undeclared_keys: {V}\n".to_string(),
+            "  secrets: [\"{S}\"]\n  cookie: {{ name: \"{V} x\" }}\n".to_string(),
+            "  secrets: [\"{S}\"]\n  {V}: 1\n".to_string(),
+            "  secrets: {{ {V}: 1 }}\n".to_string(),
+            "  secrets: [{{ {V}: 1 }}]\n".to_string(),
+            "  secrets: 12345678901234567890123456789012345\n".to_string(),
+        ] {
+            let session = session.replace("{S}", SECRET).replace("{V}", secret);
+            let y = format!(
+                "session:\n{session}routes:\n  - name: app\n    upstreams: [127.0.0.1:8000]\n"
+            );
+            let err = parse(&y).unwrap_err().to_string();
+            assert!(!err.contains(secret), "{err}");
+            assert!(
+                !err.contains("12345678901234567890123456789012345"),
+                "{err}"
+            );
+            assert!(err.contains("session"), "names the field: {err}");
+        }
+        let y = format!("session:\n  secrets: \"{secret}\"\nroutes: []\n");
+        let err = parse(&y).unwrap_err().to_string();
+        assert!(
+            err.contains("session.secrets: invalid type: a string, expected a sequence"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn env_and_file_secrets() {
+        let env = |n: &str| (n == "GIMLET_TEST_SECRET_X").then(|| SECRET.to_string());
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("s");
+        std::fs::write(&f, format!("{SECRET}-from-file\n")).unwrap();
+        let y = format!(
+            "session:\n  secrets: [\"${{GIMLET_TEST_SECRET_X}}\", \"file:{}\"]\nroutes:\n  - name: a\n    upstreams: [\"${{GIMLET_TEST_UP:-127.0.0.1:9}}\"]\n",
+            f.display()
+        );
+        let c = Config::parse_with(&y, Path::new("/etc/gimlet/gimlet.yaml"), &env).unwrap();
+        assert_eq!(
+            c.session.secrets,
+            vec![SECRET.to_string(), format!("{SECRET}-from-file")]
+        );
+        assert_eq!(c.routes[0].upstreams, vec!["127.0.0.1:9"]);
+        // A relative `file:` path is read next to the config file.
+        let y = "session:\n  secrets: [\"file:s\"]\nroutes:\n  - name: a\n    upstreams: [a:1]\n";
+        let c = Config::parse(y, &dir.path().join("gimlet.yaml")).unwrap();
+        assert_eq!(c.session.secrets, vec![format!("{SECRET}-from-file")]);
+        let y = "session:\n  secrets: [\"${GIMLET_TEST_UNSET_VAR}\"]\nroutes: []\n";
+        let e = parse(y).unwrap_err().to_string();
+        assert!(e.contains("GIMLET_TEST_UNSET_VAR` is not set"), "{e}");
+        let y = "session:\n  secrets: [\"file:/nonexistent/secret\"]\nroutes:\n  - name: a\n    upstreams: [a:1]\n";
+        let e = parse(y).unwrap_err().to_string();
+        assert!(
+            e.contains("cannot read secret file /nonexistent/secret"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cross_field_errors_have_lines() {
+        let y = format!(
+            "session:\n  secrets: [\"{SECRET}\"]\n  cookie: {{ same_site: none }}\nroutes:\n  - name: app\n    upstreams: [127.0.0.1:8000]\n    session:\n      read: [user]\n      headers: {{ X-Remote-Role: role }}\n"
+        );
+        let e = parse(&y).unwrap_err();
+        let msgs: Vec<String> = e.errors.iter().map(|e| e.to_string()).collect();
+        assert!(
+            msgs.iter()
+                .any(|m| m.starts_with("session.cookie.same_site") && m.ends_with("(line 3)")),
+            "{msgs:?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("routes[0].session.headers.X-Remote-Role")
+                    && m.contains("not readable")
+                    && m.ends_with("(line 9)")),
+            "{msgs:?}"
+        );
+    }
+
+    #[test]
+    fn route_validation() {
+        let y = format!(
+            "session:\n  secrets: [\"{SECRET}\"]\nroutes:\n  - name: a\n    match: {{ path_prefix: api }}\n    upstreams: [nope]\n    session: {{ read: some, on_missing: {{ status: 401, redirect: /x }} }}\n"
+        );
+        let e = parse(&y).unwrap_err().to_string();
+        assert!(
+            e.contains("routes[0].session.read: expected `all`, `none`, or a list of keys"),
+            "{e}"
+        );
+        let y = format!(
+            "session:\n  secrets: [\"{SECRET}\"]\nroutes:\n  - name: a\n    match: {{ path_prefix: api }}\n    upstreams: [nope]\n    session: {{ on_missing: {{ status: 401, redirect: /x }} }}\n  - name: a\n    upstreams: [x:1]\n"
+        );
+        let e = parse(&y).unwrap_err().to_string();
+        assert!(
+            e.contains("routes[0].match.path_prefix: must start with `/`"),
+            "{e}"
+        );
+        assert!(
+            e.contains("routes[0].upstreams[0]: `nope` is not host:port"),
+            "{e}"
+        );
+        assert!(e.contains("give exactly one of"), "{e}");
+        assert!(e.contains("route name `a` is used twice"), "{e}");
+    }
+
+    #[test]
+    fn store_none_policies() {
+        let c = parse(&minimal("").replace("routes:", "store: { kind: none }\nroutes:")).unwrap();
+        assert!(!c.session.settings.has_store);
+        assert!(
+            c.session
+                .settings
+                .policies
+                .for_write("x")
+                .unwrap()
+                .clientside
+        );
+        let y =
+            minimal("  keys: { big: {} }\n").replace("routes:", "store: { kind: none }\nroutes:");
+        assert!(parse(&y)
+            .unwrap_err()
+            .to_string()
+            .contains("session.keys.big"));
+        let y =
+            minimal("  revocation: true\n").replace("routes:", "store: { kind: none }\nroutes:");
+        assert!(parse(&y)
+            .unwrap_err()
+            .to_string()
+            .contains("revocation needs a store"));
+    }
+
+    #[test]
+    fn redis_store_fields() {
+        let y = minimal("").replace("routes:", "store: { kind: redis }\nroutes:");
+        assert!(parse(&y).unwrap_err().to_string().contains("needs `url`"));
+        let y = minimal("").replace(
+            "routes:",
+            "store: { kind: redis, url: \"http://x\" }\nroutes:",
+        );
+        assert!(parse(&y)
+            .unwrap_err()
+            .to_string()
+            .contains("redis:// or rediss://"));
+        let y = minimal("").replace(
+            "routes:",
+            "store: { kind: redis, url: \"redis://:pw@127.0.0.1:6379/2\", timeout: 100ms, on_error: degrade }\nroutes:",
+        );
+        let c = parse(&y).unwrap();
+        assert_eq!(c.store.timeout, Duration::from_millis(100));
+        assert_eq!(c.store.on_error, OnError::Degrade);
+    }
+
+    #[test]
+    fn line_index_paths() {
+        let y = "a:\n  b: 1\n  c:\n    - x: 1\n    - {y: 2, z: [1, 2]}\nd: 3\n";
+        let i = LineIndex::build(y);
+        assert_eq!(i.line("a.b"), Some(2));
+        assert_eq!(i.line("a.c[0].x"), Some(4));
+        assert_eq!(i.line("a.c[1].z"), Some(5));
+        assert_eq!(i.line("d"), Some(6));
+        assert_eq!(i.line("a.c[1].nope"), Some(5));
+    }
+
+    #[test]
+    fn env_expansion() {
+        let env = |n: &str| (n == "GIMLET_TEST_A").then(|| "x".to_string());
+        let expand_env = |s: &str| super::expand_env(s, &env);
+        assert_eq!(
+            expand_env("a${GIMLET_TEST_A}b${GIMLET_TEST_A}").unwrap(),
+            "axbx"
+        );
+        assert_eq!(expand_env("${GIMLET_TEST_NOPE:-dflt}").unwrap(), "dflt");
+        assert!(expand_env("${").is_err());
+        assert!(expand_env("${A B}").is_err());
+        assert_eq!(expand_env("no vars $HOME").unwrap(), "no vars $HOME");
+    }
+}

@@ -1,0 +1,245 @@
+//! The file as written: serde structs with `deny_unknown_fields`, every
+//! string kept raw until `${VAR}` expansion.
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+
+pub(super) type Str = String;
+
+/// `read:` / `write:` as written: `all`, `none`, or a list of keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum KeySel {
+    Word(String),
+    List(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for KeySel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = KeySel;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`all`, `none`, or a list of keys")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<KeySel, E> {
+                Ok(KeySel::Word(v.to_string()))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<KeySel, A::Error> {
+                let mut keys = Vec::new();
+                while let Some(k) = seq.next_element::<String>()? {
+                    keys.push(k);
+                }
+                Ok(KeySel::List(keys))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A key policy as written under `session.keys` / `undeclared_keys`.
+#[derive(Deserialize, Clone, Copy, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPolicy {
+    pub(super) clientside: Option<bool>,
+    pub(super) permanent: Option<bool>,
+    pub(super) secure: Option<bool>,
+}
+
+/// `undeclared_keys`: `reject` or a policy.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Undeclared {
+    Reject,
+    Policy(RawPolicy),
+}
+
+impl<'de> Deserialize<'de> for Undeclared {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Undeclared;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`reject` or {clientside, permanent, secure}")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Undeclared, E> {
+                if v == "reject" {
+                    Ok(Undeclared::Reject)
+                } else {
+                    Err(E::custom(format!(
+                        "expected `reject` or a mapping {{clientside, permanent, secure}}, found `{v}`"
+                    )))
+                }
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Undeclared, A::Error> {
+                RawPolicy::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(Undeclared::Policy)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The file as written.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    pub(super) listen: Option<Vec<RawListener>>,
+    pub(super) admin: Option<RawAdmin>,
+    #[serde(default)]
+    pub(super) trusted_proxies: Vec<Str>,
+    #[serde(default)]
+    pub(super) log: RawLog,
+    pub(super) session: RawSession,
+    #[serde(default)]
+    pub(super) store: RawStore,
+    #[serde(default)]
+    pub(super) server: RawServer,
+    #[serde(default)]
+    pub(super) paths: RawPaths,
+    pub(super) routes: Vec<RawRoute>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPaths {
+    pub(super) escaped_separators: Option<Str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawListener {
+    pub(super) addr: Str,
+    pub(super) tls: Option<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    pub(super) cert: Str,
+    pub(super) key: Str,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmin {
+    pub(super) addr: Str,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLog {
+    pub(super) format: Option<Str>,
+    pub(super) level: Option<Str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSession {
+    pub(super) secrets: Vec<Str>,
+    #[serde(default = "yes")]
+    pub(super) encrypt: bool,
+    #[serde(default)]
+    pub(super) cookie: RawCookie,
+    pub(super) lifetime: Option<Str>,
+    pub(super) idle_timeout: Option<Str>,
+    pub(super) touch_interval: Option<Str>,
+    pub(super) undeclared_keys: Option<Undeclared>,
+    #[serde(default)]
+    pub(super) keys: BTreeMap<String, RawPolicy>,
+    #[serde(default)]
+    pub(super) limits: RawLimits,
+    #[serde(default)]
+    pub(super) dev_insecure: bool,
+    #[serde(default)]
+    pub(super) revocation: bool,
+}
+
+pub(super) fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCookie {
+    pub(super) name: Option<Str>,
+    pub(super) path: Option<Str>,
+    pub(super) domain: Option<Str>,
+    pub(super) same_site: Option<Str>,
+    pub(super) secure: Option<Str>,
+    #[serde(default)]
+    pub(super) host_prefix: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub(super) value_bytes: Option<usize>,
+    pub(super) keys: Option<usize>,
+    pub(super) session_bytes: Option<usize>,
+    pub(super) forward_bytes: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawStore {
+    pub(super) kind: Option<Str>,
+    pub(super) path: Option<Str>,
+    pub(super) url: Option<Str>,
+    pub(super) cluster: Option<Vec<Str>>,
+    pub(super) prefix: Option<Str>,
+    pub(super) cache: Option<usize>,
+    pub(super) timeout: Option<Str>,
+    pub(super) on_error: Option<Str>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawServer {
+    pub(super) threads: Option<usize>,
+    pub(super) grace_period: Option<Str>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRoute {
+    pub(super) name: Str,
+    #[serde(rename = "match", default)]
+    pub(super) matches: RawMatch,
+    pub(super) upstreams: Vec<Str>,
+    #[serde(default)]
+    pub(super) session: RawRouteSession,
+    pub(super) on_directive_error: Option<Str>,
+    pub(super) connect_timeout: Option<Str>,
+    pub(super) read_timeout: Option<Str>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMatch {
+    pub(super) host: Option<Str>,
+    pub(super) path_prefix: Option<Str>,
+    #[serde(default)]
+    pub(super) ignore_case: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawRouteSession {
+    pub(super) read: Option<KeySel>,
+    pub(super) write: Option<KeySel>,
+    #[serde(default)]
+    pub(super) headers: BTreeMap<String, Str>,
+    #[serde(default)]
+    pub(super) require: Vec<Str>,
+    pub(super) on_missing: Option<RawOnMissing>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOnMissing {
+    pub(super) redirect: Option<Str>,
+    pub(super) status: Option<u16>,
+}

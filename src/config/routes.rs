@@ -1,0 +1,178 @@
+//! `routes:`: matching, upstreams, and what each route may read and write.
+
+use super::defaults;
+use super::errors::Errors;
+use super::raw::*;
+use super::RouteConfig;
+use crate::model::{valid_key, OnDirectiveError, OnMissing};
+
+/// An HTTP header name token.
+fn valid_header_name(n: &str) -> bool {
+    http::HeaderName::from_bytes(n.as_bytes()).is_ok()
+}
+
+fn valid_upstream(u: &str) -> bool {
+    let Some((host, port)) = u.rsplit_once(':') else {
+        return false;
+    };
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    !host.is_empty()
+        && port.parse::<u16>().is_ok_and(|p| p != 0)
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:_".contains(&b))
+}
+
+pub(super) fn build_routes(raw: &[RawRoute], e: &mut Errors) -> Vec<RouteConfig> {
+    if raw.is_empty() {
+        e.add("routes", "at least one route is needed");
+    }
+    let mut out: Vec<RouteConfig> = Vec::new();
+    for (i, r) in raw.iter().enumerate() {
+        let at = |f: &str| format!("routes[{i}].{f}");
+        let name = e.text(&at("name"), &r.name);
+        if name.is_empty() || name.chars().any(|c| c.is_control()) {
+            e.add(at("name"), "must be a non-empty name");
+        } else if out.iter().any(|o| o.name == name) {
+            e.add(at("name"), format!("route name `{name}` is used twice"));
+        }
+        let host = e
+            .opt_text(&at("match.host"), &r.matches.host)
+            .map(|h| h.to_ascii_lowercase());
+        if let Some(h) = &host {
+            let bare = h.strip_prefix("*.").unwrap_or(h);
+            if bare.is_empty() || bare.contains(['*', ':', '/', ' ']) {
+                e.add(
+                    at("match.host"),
+                    format!("`{h}` is not a host (write app.example.com or *.example.com, without a port)"),
+                );
+            }
+        }
+        let path_prefix = e
+            .opt_text(&at("match.path_prefix"), &r.matches.path_prefix)
+            .unwrap_or_else(|| defaults::PATH.into());
+        // Judged like request paths, so `/%61ccount` and `/account` agree.
+        let path_prefix = if !path_prefix.starts_with('/') {
+            e.add(at("match.path_prefix"), "must start with `/`");
+            path_prefix
+        } else {
+            match crate::path::normalize(path_prefix.as_bytes(), true) {
+                Ok(p) => crate::path::route_path(&p).into_owned(),
+                Err(err) => {
+                    e.add(
+                        at("match.path_prefix"),
+                        format!("not a valid path ({})", err.label()),
+                    );
+                    path_prefix
+                }
+            }
+        };
+        if r.upstreams.is_empty() {
+            e.add(at("upstreams"), "at least one upstream address is needed");
+        }
+        let upstreams: Vec<String> = r
+            .upstreams
+            .iter()
+            .enumerate()
+            .map(|(j, u)| {
+                let path = format!("routes[{i}].upstreams[{j}]");
+                let u = e.text(&path, u).trim().to_string();
+                if !valid_upstream(&u) {
+                    e.add(path, format!("`{u}` is not host:port"));
+                }
+                u
+            })
+            .collect();
+        let read = e.key_set(&at("session.read"), &r.session.read);
+        let write = e.key_set(&at("session.write"), &r.session.write);
+        let mut headers = Vec::new();
+        for (h, key) in &r.session.headers {
+            let field = format!("routes[{i}].session.headers.{h}");
+            if !valid_header_name(h) {
+                e.add(field.clone(), format!("`{h}` is not a valid header name"));
+            } else if crate::directives::is_session_header(&crate::headers::folded(h)) {
+                e.add(
+                    field.clone(),
+                    "names starting with X-Session are reserved for the gateway",
+                );
+            }
+            let key = e.key(&field, key);
+            if valid_key(&key) && !read.contains(&key) {
+                e.add(
+                    field,
+                    format!("key `{key}` is not readable on this route (add it to read:)"),
+                );
+            }
+            headers.push((h.clone(), key));
+        }
+        let require: Vec<String> = r
+            .session
+            .require
+            .iter()
+            .enumerate()
+            .map(|(j, k)| e.key(&format!("routes[{i}].session.require[{j}]"), k))
+            .collect();
+        let on_missing = match &r.session.on_missing {
+            None => OnMissing::Status(defaults::ON_MISSING_STATUS),
+            Some(RawOnMissing {
+                redirect: Some(to),
+                status: None,
+            }) => {
+                let to = e.text(&at("session.on_missing.redirect"), to);
+                if to.is_empty() || to.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+                    e.add(
+                        at("session.on_missing.redirect"),
+                        "must be a URL or path without spaces",
+                    );
+                }
+                OnMissing::Redirect(to)
+            }
+            Some(RawOnMissing {
+                redirect: None,
+                status: Some(s),
+            }) => {
+                if !(200..=599).contains(s) {
+                    e.add(
+                        at("session.on_missing.status"),
+                        "must be an HTTP status between 200 and 599",
+                    );
+                }
+                OnMissing::Status(*s)
+            }
+            Some(_) => {
+                e.add(
+                    at("session.on_missing"),
+                    "give exactly one of `redirect` or `status`",
+                );
+                OnMissing::Status(defaults::ON_MISSING_STATUS)
+            }
+        };
+        let on_directive_error: OnDirectiveError =
+            e.pick(&at("on_directive_error"), &r.on_directive_error);
+        let connect_timeout = e.duration(
+            &at("connect_timeout"),
+            &r.connect_timeout,
+            defaults::CONNECT_TIMEOUT,
+        );
+        let read_timeout = e.duration(&at("read_timeout"), &r.read_timeout, defaults::READ_TIMEOUT);
+        out.push(RouteConfig {
+            name,
+            host,
+            path_prefix,
+            ignore_case: r.matches.ignore_case,
+            upstreams,
+            read,
+            write,
+            headers,
+            require,
+            on_missing,
+            on_directive_error,
+            connect_timeout,
+            read_timeout,
+        });
+    }
+    out
+}
