@@ -83,6 +83,29 @@ pub const CHANNELS: [Channel; 4] = [
     Channel::SecureTrans,
 ];
 
+/// One value per channel, indexed by [`Channel`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PerChannel<T>(pub [T; 4]);
+
+impl<T> PerChannel<T> {
+    pub fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.0.iter()
+    }
+}
+
+impl<T> std::ops::Index<Channel> for PerChannel<T> {
+    type Output = T;
+    fn index(&self, ch: Channel) -> &T {
+        &self.0[ch.index()]
+    }
+}
+
+impl<T> std::ops::IndexMut<Channel> for PerChannel<T> {
+    fn index_mut(&mut self, ch: Channel) -> &mut T {
+        &mut self.0[ch.index()]
+    }
+}
+
 impl Channel {
     pub fn of(p: Policy) -> Channel {
         match (p.secure, p.permanent) {

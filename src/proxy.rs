@@ -310,11 +310,9 @@ impl Gateway {
     /// headers that must come with them).
     fn send_cookies(&self, resp: &mut ResponseHeader, ctx: &mut Ctx, o: Outcome) -> Result<()> {
         let m = &self.shared.metrics;
-        for (i, n) in o.applied.iter().enumerate() {
-            if *n > 0 {
-                m.directives
-                    .with_label_values(&[crate::model::DIRECTIVE_LABELS[i]])
-                    .inc_by(*n as u64);
+        for (label, n) in o.applied.by_label() {
+            if n > 0 {
+                m.directives.with_label_values(&[label]).inc_by(n as u64);
             }
         }
         ctx.applied = o.directives_applied();

@@ -683,7 +683,8 @@ async fn logs_hold_no_values_even_from_pingora() {
         .unwrap();
         let g = Gateway::spawn_logged(dir.path(), &f, rust_log);
         let mut b = Browser::new(&g);
-        b.get("/", &[("X-Session-Set", "user=CLIENTVALUE3")]).await;
+        let r = b.get("/", &[("X-Session-Set", "user=CLIENTVALUE3")]).await;
+        assert_eq!(r.status, 200, "{rust_log:?}: {} {}", r.body, g.log());
         let our_cookie = b.jar.get("gimlet").unwrap().to_string();
         let r = b
             .get_with(

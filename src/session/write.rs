@@ -11,7 +11,7 @@ use crate::cookie::{CookieSpec, MAX_SET_COOKIE};
 use crate::directives::Directives;
 use crate::model::{
     channel_order, random_tag, Channel, DirectiveError, DirectiveErrorKind, KeySet, Meta, Payload,
-    Policy, SessionId, Settings, CHANNELS, FLAG_SPILL, FLAG_STORE,
+    PerChannel, Policy, SessionId, Settings, CHANNELS, FLAG_SPILL, FLAG_STORE,
 };
 use crate::store::{ChannelWrite, LimitCheck, StoreKey, WriteBatch};
 use std::collections::BTreeMap;
@@ -35,6 +35,34 @@ pub enum CookieChange {
     Clear(String),
 }
 
+/// How many directives of each kind a response applied.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    pub set: u32,
+    pub delete: u32,
+    pub incr: u32,
+    pub regenerate: u32,
+    pub destroy: u32,
+}
+
+impl Applied {
+    /// `(label of gimlet_directives_total, count)` for each kind.
+    pub fn by_label(&self) -> [(&'static str, u32); 5] {
+        let l = crate::model::DIRECTIVE_LABELS;
+        [
+            (l[0], self.set),
+            (l[1], self.delete),
+            (l[2], self.incr),
+            (l[3], self.regenerate),
+            (l[4], self.destroy),
+        ]
+    }
+
+    pub fn total(&self) -> u32 {
+        self.set + self.delete + self.incr + self.regenerate + self.destroy
+    }
+}
+
 /// Everything a response does to the session.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -45,15 +73,14 @@ pub struct Outcome {
     pub created: bool,
     pub regenerated: bool,
     pub destroyed: bool,
-    /// Count of applied directives: set, delete, incr, regenerate, destroy.
-    pub applied: [u32; 5],
+    pub applied: Applied,
     /// The session after the response (for the access log).
     pub meta: Option<Meta>,
 }
 
 impl Outcome {
     pub fn directives_applied(&self) -> u32 {
-        self.applied.iter().sum()
+        self.applied.total()
     }
 }
 
@@ -61,32 +88,239 @@ fn err(kind: DirectiveErrorKind, detail: String) -> DirectiveError {
     DirectiveError::new(kind, detail)
 }
 
-/// Working state while applying one response.
+/// Working state while applying one response: per channel, what the
+/// browser's cookie will hold and what the store is told to do.
 struct Work {
-    vals: [BTreeMap<String, String>; 4],
-    flags: [u8; 4],
+    vals: PerChannel<BTreeMap<String, String>>,
+    flags: PerChannel<u8>,
     /// A cookie of the channel exists in the browser (request or new).
-    present: [bool; 4],
+    present: PerChannel<bool>,
     /// The channel's cookie content changed.
-    dirty: [bool; 4],
-    ops: [ChannelWrite; 4],
+    dirty: PerChannel<bool>,
+    /// Request cookies to clear (rejected, of another session, destroyed).
+    clear: PerChannel<bool>,
+    ops: PerChannel<ChannelWrite>,
     /// Server-side values known from the store read, kept in sync with ops.
-    stored: [Option<BTreeMap<String, String>>; 4],
+    stored: PerChannel<Option<BTreeMap<String, String>>>,
     /// Keys this response wrote (normalization leaves them alone).
     written: std::collections::HashSet<String>,
     /// The store read failed (`on_error: degrade`): no store writes at all.
     degraded: bool,
+    /// A store is configured and answered.
+    store_ok: bool,
+    /// The session after this response (`None`: no session).
+    meta: Option<Meta>,
+    /// Destroy: delete this session's data first.
+    destroy: Option<StoreKey>,
+    /// Regenerate: move the data from this id.
+    rename_from: Option<SessionId>,
+    out: Outcome,
 }
 
 impl Work {
+    fn new(session: &Session, settings: &Settings) -> Work {
+        let mut w = Work {
+            vals: Default::default(),
+            flags: Default::default(),
+            present: Default::default(),
+            dirty: Default::default(),
+            clear: PerChannel(session.clear),
+            ops: Default::default(),
+            stored: PerChannel(session.stored.clone()),
+            written: Default::default(),
+            degraded: session.degraded,
+            store_ok: settings.has_store && !session.degraded,
+            meta: session.meta,
+            destroy: None,
+            rename_from: None,
+            out: Outcome::default(),
+        };
+        for ch in CHANNELS {
+            if let Some(p) = &session.cookies[ch.index()] {
+                w.vals[ch] = p.values.clone();
+                w.flags[ch] = p.flags;
+                w.present[ch] = true;
+            }
+        }
+        w
+    }
+
+    /// Destroy: forget everything; a later Set starts a new session. It acts
+    /// on every channel of the id in the store, whichever cookies arrived
+    /// (over plain HTTP the secure cookies are not sent; a closed browser's
+    /// transient cookie is gone while its data is not).
+    fn destroy(&mut self) {
+        self.out.applied.destroy += 1;
+        let Some(m) = self.meta.take() else { return };
+        if self.store_ok {
+            self.destroy = Some(StoreKey::from(m));
+        }
+        for ch in CHANNELS {
+            if self.present[ch] {
+                self.clear[ch] = true;
+            }
+        }
+        self.vals = Default::default();
+        self.flags = Default::default();
+        self.present = Default::default();
+        self.stored = Default::default();
+        self.out.destroyed = true;
+    }
+
+    /// Regenerate: same data and times under a new id.
+    fn regenerate(&mut self) {
+        self.out.applied.regenerate += 1;
+        let Some(m) = &mut self.meta else { return };
+        if self.store_ok {
+            self.rename_from = Some(m.id);
+            // Store data of a channel whose cookie the browser no longer
+            // holds (a closed browser's transient keys) is stale: it must not
+            // follow the session to its new id. Over plain HTTP the secure
+            // cookies are not sent and a new one cannot be set, so secure
+            // data cannot follow either: the old id's is dropped with the
+            // rest.
+            for ch in CHANNELS {
+                if !self.present[ch] {
+                    self.ops[ch].clear = true;
+                }
+            }
+        }
+        m.id = SessionId::random();
+        self.out.regenerated = true;
+        self.dirty = self.present.clone();
+    }
+
+    fn delete(&mut self, key: &str) {
+        self.out.applied.delete += 1;
+        for ch in CHANNELS {
+            self.cookie_remove(ch, key);
+            if self.store_may_hold(ch, key) {
+                self.store_delete(ch, key);
+            }
+        }
+        self.written.insert(key.to_string());
+    }
+
+    fn set(&mut self, p: Policy, key: &str, value: &str) {
+        self.out.applied.set += 1;
+        let home = p.channel();
+        self.remove_elsewhere(key, home, p.clientside);
+        if p.clientside {
+            self.cookie_set(home, key, value.to_string());
+        } else {
+            self.store_set(home, key, value.to_string());
+        }
+        self.written.insert(key.to_string());
+    }
+
+    fn incr(&mut self, p: Policy, key: &str, n: i64) -> Result<(), DirectiveError> {
+        self.out.applied.incr += 1;
+        let home = p.channel();
+        let spilled = p.clientside
+            && self.flags[home] & FLAG_SPILL != 0
+            && !self.vals[home].contains_key(key)
+            && self.stored[home].is_none();
+        if p.clientside && !spilled {
+            // The browser holds the only copy: add here.
+            let next = add(self.known_value(key, home), key, n)?;
+            self.remove_elsewhere(key, home, true);
+            self.cookie_set(home, key, next.to_string());
+        } else if let Some(v) = self.ops[home]
+            .set
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .or_else(|| {
+                CHANNELS
+                    .iter()
+                    .find_map(|c| self.vals[*c].get(key).cloned())
+            })
+        {
+            // Set earlier in this response, or still in a cookie from before
+            // a policy change: the value is known here.
+            let next = add(Some(v), key, n)?;
+            self.remove_elsewhere(key, home, false);
+            self.store_set(home, key, next.to_string());
+        } else {
+            // Server-side: the store adds atomically, so concurrent Incrs
+            // (across gateways) never lose a count.
+            let e = &mut self.ops[home];
+            match e.incr.iter_mut().find(|(k, _)| k == key) {
+                Some(x) => {
+                    x.1 =
+                        x.1.checked_add(n)
+                            .ok_or_else(|| DirectiveError::overflow(key))?
+                }
+                None => e.incr.push((key.to_string(), n)),
+            }
+            if let Some(m) = &mut self.stored[home] {
+                // The result is only known to the store now.
+                m.remove(key);
+            }
+        }
+        self.written.insert(key.to_string());
+        Ok(())
+    }
+
+    /// A session that has none yet starts now (a Set or Incr on no
+    /// session, or after Destroy). `false`: there is nothing to keep.
+    fn begin(&mut self, wrote: bool, cx: &WriteContext) -> bool {
+        if self.meta.is_some() {
+            return true;
+        }
+        if !wrote {
+            return false;
+        }
+        self.meta = Some(Meta {
+            id: SessionId::random(),
+            // After Destroy, keep the tag: the store then deletes the old
+            // data and writes the new in one slot, atomically.
+            tag: self.destroy.map_or_else(random_tag, |d| d.tag),
+            created: cx.now,
+            expires: cx.now.saturating_add(cx.settings.lifetime),
+            touched: cx.now,
+        });
+        self.out.created = true;
+        true
+    }
+
+    /// A channel that gains store data records it in its cookie; a cookie
+    /// that did not exist yet for an existing session must not pick up stale
+    /// data an earlier cookie of that channel left behind.
+    fn mark_store_data(&mut self) {
+        for ch in CHANNELS {
+            if self.ops[ch].adds() && self.flags[ch] & FLAG_STORE == 0 {
+                self.flags[ch] |= FLAG_STORE;
+                self.dirty[ch] = true;
+                if !self.present[ch] && !self.out.created && self.rename_from.is_none() {
+                    self.ops[ch].clear = true;
+                }
+            }
+        }
+    }
+
+    /// With an idle timeout, refresh the last touch when it is older than
+    /// `touch_interval` (a new session is touched at creation).
+    fn touch(&mut self, cx: &WriteContext) -> bool {
+        let s = cx.settings;
+        let m = self.meta.as_mut().expect("begun");
+        let touch = !self.out.created
+            && s.idle_timeout.is_some()
+            && cx.now.saturating_sub(m.touched) >= s.touch_interval;
+        if touch || self.out.created {
+            m.touched = cx.now;
+        }
+        touch
+    }
+
     /// Might the store hash of `ch` hold `key`?
-    fn store_may_hold(&self, ch: usize, key: &str) -> bool {
+    fn store_may_hold(&self, ch: Channel, key: &str) -> bool {
         !self.degraded
             && self.flags[ch] & FLAG_STORE != 0
             && self.stored[ch].as_ref().is_none_or(|m| m.contains_key(key))
     }
 
-    fn store_delete(&mut self, ch: usize, key: &str) {
+    fn store_delete(&mut self, ch: Channel, key: &str) {
         let w = &mut self.ops[ch];
         w.set.retain(|(k, _)| k != key);
         w.incr.retain(|(k, _)| k != key);
@@ -98,7 +332,7 @@ impl Work {
         }
     }
 
-    fn store_set(&mut self, ch: usize, key: &str, value: String) {
+    fn store_set(&mut self, ch: Channel, key: &str, value: String) {
         let w = &mut self.ops[ch];
         w.incr.retain(|(k, _)| k != key);
         match w.set.iter_mut().find(|(k, _)| k == key) {
@@ -110,7 +344,7 @@ impl Work {
         }
     }
 
-    fn cookie_remove(&mut self, ch: usize, key: &str) -> Option<String> {
+    fn cookie_remove(&mut self, ch: Channel, key: &str) -> Option<String> {
         let v = self.vals[ch].remove(key);
         if v.is_some() {
             self.dirty[ch] = true;
@@ -118,23 +352,22 @@ impl Work {
         v
     }
 
-    fn cookie_set(&mut self, ch: usize, key: &str, value: String) {
+    fn cookie_set(&mut self, ch: Channel, key: &str, value: String) {
         self.vals[ch].insert(key.to_string(), value);
         self.dirty[ch] = true;
     }
 
     /// Remove `key` from every other place it may be. A clientside write
     /// leaves store copies alone (cookies are read first, so they are
-    /// shadowed), so that it never costs a store round trip; a Delete
-    /// removes those too.
+    /// shadowed), so that it never costs a store write; a Delete removes
+    /// those too.
     fn remove_elsewhere(&mut self, key: &str, home: Channel, clientside: bool) {
         for ch in CHANNELS {
-            let i = ch.index();
             if !(clientside && ch == home) {
-                self.cookie_remove(i, key);
+                self.cookie_remove(ch, key);
             }
-            if !clientside && ch != home && self.store_may_hold(i, key) {
-                self.store_delete(i, key);
+            if !clientside && ch != home && self.store_may_hold(ch, key) {
+                self.store_delete(ch, key);
             }
         }
     }
@@ -144,19 +377,21 @@ impl Work {
         let order = channel_order(home);
         order
             .iter()
-            .find_map(|ch| self.vals[ch.index()].get(key))
+            .find_map(|ch| self.vals[*ch].get(key))
             .or_else(|| {
                 order
                     .iter()
-                    .find_map(|ch| self.stored[ch.index()].as_ref().and_then(|m| m.get(key)))
+                    .find_map(|ch| self.stored[*ch].as_ref().and_then(|m| m.get(key)))
             })
             .cloned()
     }
 }
 
 impl Session {
-    /// Compute everything `d` does to this session. Validation happens first;
-    /// on error nothing is returned to apply.
+    /// Compute everything `d` does to this session: validate, then Destroy,
+    /// Regenerate, Deletes, Sets, Incrs (SPEC section 4's order), then move
+    /// misplaced values, spill, check the limits, and seal the cookies and
+    /// plan the one store batch. On error nothing is returned to apply.
     pub fn apply(&self, d: &Directives, cx: &WriteContext) -> Result<Outcome, DirectiveError> {
         let s = cx.settings;
         let touch_due = self.meta.is_some_and(|m| {
@@ -170,213 +405,37 @@ impl Session {
             });
         }
         self.validate(d, cx)?;
-
-        let mut w = Work {
-            vals: Default::default(),
-            flags: [0; 4],
-            present: [false; 4],
-            dirty: [false; 4],
-            ops: Default::default(),
-            stored: self.stored.clone(),
-            written: Default::default(),
-            degraded: self.degraded,
-        };
-        for ch in CHANNELS {
-            if let Some(p) = &self.cookies[ch.index()] {
-                w.vals[ch.index()] = p.values.clone();
-                w.flags[ch.index()] = p.flags;
-                w.present[ch.index()] = true;
-            }
-        }
-        let mut clear = self.clear;
-        let mut meta = self.meta;
-        let mut out = Outcome::default();
-        let mut batch_destroy = None;
-        let mut rename_from = None;
-        // Destroy and Regenerate act on every channel of the id in the
-        // store, whichever cookies arrived: over plain HTTP the secure
-        // cookies are not sent, and a channel's cookie may be gone (a
-        // closed browser) while its data is not. (Under `degrade` with
-        // possible store data, `validate` has refused them already.)
-        let store_ok = s.has_store && !self.degraded;
-
-        // Destroy: forget everything; a later Set starts a new session.
+        let mut w = Work::new(self, s);
         if d.destroy {
-            out.applied[4] += 1;
-            if let Some(m) = meta.take() {
-                if store_ok {
-                    batch_destroy = Some(StoreKey::from(m));
-                }
-                for ch in CHANNELS {
-                    let i = ch.index();
-                    if w.present[i] {
-                        clear[i] = true;
-                    }
-                }
-                w.vals = Default::default();
-                w.flags = [0; 4];
-                w.present = [false; 4];
-                w.stored = Default::default();
-                out.destroyed = true;
-            }
+            w.destroy();
         }
-
-        // Regenerate: same data and times under a new id.
         if d.regenerate {
-            out.applied[3] += 1;
-            if let Some(m) = &mut meta {
-                if store_ok {
-                    rename_from = Some(m.id);
-                    // Store data of a channel whose cookie the browser no
-                    // longer holds (a closed browser's transient keys) is
-                    // stale: it must not follow the session to its new id.
-                    // Over plain HTTP the secure cookies are not sent and a
-                    // new one cannot be set, so secure data cannot follow
-                    // either: the old id's is dropped with the rest.
-                    for ch in CHANNELS {
-                        if !w.present[ch.index()] {
-                            w.ops[ch.index()].clear = true;
-                        }
-                    }
-                }
-                m.id = SessionId::random();
-                out.regenerated = true;
-                w.dirty = w.present;
-            }
+            w.regenerate();
         }
-
         for key in &d.delete {
-            out.applied[1] += 1;
-            for ch in CHANNELS {
-                w.cookie_remove(ch.index(), key);
-                if w.store_may_hold(ch.index(), key) {
-                    w.store_delete(ch.index(), key);
-                }
-            }
-            w.written.insert(key.clone());
+            w.delete(key);
         }
-
         for (key, value) in &d.set {
-            out.applied[0] += 1;
-            let p = s.policies.for_write(key).expect("validated");
-            let home = p.channel();
-            w.remove_elsewhere(key, home, p.clientside);
-            if p.clientside {
-                w.cookie_set(home.index(), key, value.clone());
-            } else {
-                w.store_set(home.index(), key, value.clone());
-            }
-            w.written.insert(key.clone());
+            w.set(s.policies.for_write(key).expect("validated"), key, value);
         }
-
         for (key, n) in &d.incr {
-            out.applied[2] += 1;
-            let p = s.policies.for_write(key).expect("validated");
-            let home = p.channel();
-            let hi = home.index();
-            let spilled = p.clientside
-                && w.flags[hi] & FLAG_SPILL != 0
-                && !w.vals[hi].contains_key(key)
-                && w.stored[hi].is_none();
-            if p.clientside && !spilled {
-                // The browser holds the only copy: add here.
-                let next = add(w.known_value(key, home), key, *n)?;
-                w.remove_elsewhere(key, home, true);
-                w.cookie_set(hi, key, next.to_string());
-            } else if let Some(v) = w.ops[hi]
-                .set
-                .iter()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v.clone())
-                .or_else(|| {
-                    CHANNELS
-                        .iter()
-                        .find_map(|c| w.vals[c.index()].get(key).cloned())
-                })
-            {
-                // Set earlier in this response, or still in a cookie from
-                // before a policy change: the value is known here.
-                let next = add(Some(v), key, *n)?;
-                w.remove_elsewhere(key, home, false);
-                w.store_set(hi, key, next.to_string());
-            } else {
-                // Server-side: the store adds atomically, so concurrent Incrs
-                // (across gateways) never lose a count.
-                let e = &mut w.ops[hi];
-                match e.incr.iter_mut().find(|(k, _)| k == key) {
-                    Some(x) => {
-                        x.1 =
-                            x.1.checked_add(*n)
-                                .ok_or_else(|| DirectiveError::overflow(key))?
-                    }
-                    None => e.incr.push((key.clone(), *n)),
-                }
-                if let Some(m) = &mut w.stored[hi] {
-                    // The result is only known to the store now.
-                    m.remove(key);
-                }
-            }
-            w.written.insert(key.clone());
+            w.incr(s.policies.for_write(key).expect("validated"), key, *n)?;
         }
-
         let wrote = !d.set.is_empty() || !d.incr.is_empty();
-        if meta.is_none() {
-            if !wrote {
-                // Nothing to keep: Deletes on no session, or a bare Destroy.
-                return self.finish(cx, out, None, clear, w, batch_destroy, None, false, None);
-            }
-            let m = Meta {
-                id: SessionId::random(),
-                // After Destroy, keep the tag: the store then deletes the
-                // old data and writes the new in one slot, atomically.
-                tag: batch_destroy.map_or_else(random_tag, |d| d.tag),
-                created: cx.now,
-                expires: cx.now.saturating_add(s.lifetime),
-                touched: cx.now,
-            };
-            meta = Some(m);
-            out.created = true;
+        if !w.begin(wrote, cx) {
+            // Nothing to keep: Deletes on no session, or a bare Destroy.
+            return self.seal(cx, w, false, None);
         }
-
         let changed = w.dirty.iter().any(|d| *d) || w.ops.iter().any(|o| !o.is_empty());
         if changed {
             self.normalize(&mut w, cx);
         }
         self.spill(&mut w, cx)?;
-        let limits = self.check_limits(&w, cx, wrote && store_ok, out.destroyed)?;
-
-        // A channel that gains store data records it in its cookie; a cookie
-        // that did not exist yet for an existing session must not pick up
-        // stale data an earlier cookie of that channel left behind.
-        for ch in CHANNELS {
-            let i = ch.index();
-            if w.ops[i].adds() && w.flags[i] & FLAG_STORE == 0 {
-                w.flags[i] |= FLAG_STORE;
-                w.dirty[i] = true;
-                if !w.present[i] && !out.created && rename_from.is_none() {
-                    w.ops[i].clear = true;
-                }
-            }
-        }
-        let m = meta.as_mut().expect("set above");
-        let touch = !out.created
-            && s.idle_timeout.is_some()
-            && cx.now.saturating_sub(m.touched) >= s.touch_interval;
-        if touch || out.created {
-            m.touched = cx.now;
-        }
-        let meta = *m;
-        self.finish(
-            cx,
-            out,
-            Some(meta),
-            clear,
-            w,
-            batch_destroy,
-            rename_from,
-            touch,
-            limits,
-        )
+        let grows = wrote && w.store_ok;
+        let limits = self.check_limits(&w, cx, grows)?;
+        w.mark_store_data();
+        let touch = w.touch(cx);
+        self.seal(cx, w, touch, limits)
     }
 
     fn validate(&self, d: &Directives, cx: &WriteContext) -> Result<(), DirectiveError> {
@@ -437,10 +496,9 @@ impl Session {
     /// Move values found where their current policy does not put them.
     fn normalize(&self, w: &mut Work, cx: &WriteContext) {
         let s = cx.settings;
-        let store_ok = s.has_store && !self.degraded;
+        let store_ok = w.store_ok;
         for ch in CHANNELS {
-            let i = ch.index();
-            let misplaced: Vec<(String, String)> = w.vals[i]
+            let misplaced: Vec<(String, String)> = w.vals[ch]
                 .iter()
                 .filter(|(k, _)| !w.written.contains(*k))
                 .filter(|(k, _)| {
@@ -456,19 +514,19 @@ impl Session {
                     continue;
                 }
                 if p.clientside {
-                    w.cookie_remove(i, &k);
-                    if !w.vals[home.index()].contains_key(&k) {
-                        w.cookie_set(home.index(), &k, v);
+                    w.cookie_remove(ch, &k);
+                    if !w.vals[home].contains_key(&k) {
+                        w.cookie_set(home, &k, v);
                     }
                 } else if store_ok {
-                    w.cookie_remove(i, &k);
-                    w.store_set(home.index(), &k, v);
+                    w.cookie_remove(ch, &k);
+                    w.store_set(home, &k, v);
                 }
             }
             if !store_ok {
                 continue;
             }
-            let Some(stored) = w.stored[i].clone() else {
+            let Some(stored) = w.stored[ch].clone() else {
                 continue;
             };
             for (k, v) in stored {
@@ -477,17 +535,17 @@ impl Session {
                 }
                 let p = s.policies.for_read(&k);
                 let home = p.channel();
-                let spilled = p.clientside && home == ch && w.flags[i] & FLAG_SPILL != 0;
+                let spilled = p.clientside && home == ch && w.flags[ch] & FLAG_SPILL != 0;
                 if (!p.clientside && home == ch) || spilled || (home.secure() && !cx.https) {
                     continue;
                 }
-                w.store_delete(i, &k);
+                w.store_delete(ch, &k);
                 if p.clientside {
-                    if !w.vals[home.index()].contains_key(&k) {
-                        w.cookie_set(home.index(), &k, v);
+                    if !w.vals[home].contains_key(&k) {
+                        w.cookie_set(home, &k, v);
                     }
                 } else {
-                    w.store_set(home.index(), &k, v);
+                    w.store_set(home, &k, v);
                 }
             }
         }
@@ -498,8 +556,7 @@ impl Session {
     /// without one.
     fn spill(&self, w: &mut Work, cx: &WriteContext) -> Result<(), DirectiveError> {
         for ch in CHANNELS {
-            let i = ch.index();
-            if !w.dirty[i] {
+            if !w.dirty[ch] {
                 continue;
             }
             let room = MAX_SET_COOKIE.saturating_sub(cx.spec.overhead(ch));
@@ -510,11 +567,11 @@ impl Session {
                     created: 0,
                     expires: 0,
                     touched: 0,
-                    flags: w.flags[i] | FLAG_STORE | FLAG_SPILL,
-                    values: std::mem::take(&mut w.vals[i]),
+                    flags: w.flags[ch] | FLAG_STORE | FLAG_SPILL,
+                    values: std::mem::take(&mut w.vals[ch]),
                 };
                 let len = codec::sealed_len(&probe, cx.encrypt);
-                w.vals[i] = probe.values;
+                w.vals[ch] = probe.values;
                 if len <= room {
                     break;
                 }
@@ -526,16 +583,16 @@ impl Session {
                         ),
                     ));
                 }
-                let Some((k, _)) = w.vals[i]
+                let Some(k) = w.vals[ch]
                     .iter()
                     .max_by_key(|(_, v)| v.len())
-                    .map(|(k, v)| (k.clone(), v.len()))
+                    .map(|(k, _)| k.clone())
                 else {
                     break;
                 };
-                let v = w.vals[i].remove(&k).expect("present");
-                w.store_set(i, &k, v);
-                w.flags[i] |= FLAG_SPILL;
+                let v = w.vals[ch].remove(&k).expect("present");
+                w.store_set(ch, &k, v);
+                w.flags[ch] |= FLAG_SPILL;
             }
         }
         Ok(())
@@ -551,7 +608,6 @@ impl Session {
         w: &Work,
         cx: &WriteContext,
         grows: bool,
-        destroyed: bool,
     ) -> Result<Option<LimitCheck>, DirectiveError> {
         let l = cx.settings.limits;
         let client_keys: usize = w.vals.iter().map(|m| m.len()).sum();
@@ -569,14 +625,16 @@ impl Session {
         };
         // Clientside data alone, plus whatever store data was read.
         let mut known = crate::store::Record::default();
-        for i in 0..4 {
-            if let Some(m) = &w.stored[i] {
-                known.channels[i] = m.clone();
+        for ch in CHANNELS {
+            if let Some(m) = &w.stored[ch] {
+                known.channels[ch.index()] = m.clone();
             }
         }
         known.check(&check)?;
-        let unread = (0..4).any(|i| w.flags[i] & FLAG_STORE != 0 && w.stored[i].is_none())
-            || (!cx.https && !destroyed && cx.settings.policies.any_secure());
+        let unread = CHANNELS
+            .iter()
+            .any(|ch| w.flags[*ch] & FLAG_STORE != 0 && w.stored[*ch].is_none())
+            || (!cx.https && !w.out.destroyed && cx.settings.policies.any_secure());
         if w.ops.iter().any(|o| o.adds()) || (grows && unread) {
             Ok(Some(check))
         } else {
@@ -584,92 +642,108 @@ impl Session {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
+    /// The response's cookies (sealed, or cleared) and its one store batch.
+    fn seal(
         &self,
         cx: &WriteContext,
-        mut out: Outcome,
-        meta: Option<Meta>,
-        clear: [bool; 4],
         mut w: Work,
-        batch_destroy: Option<StoreKey>,
-        rename_from: Option<SessionId>,
         touch: bool,
         limits: Option<LimitCheck>,
     ) -> Result<Outcome, DirectiveError> {
-        let s = cx.settings;
-        out.meta = meta;
-        if let Some(m) = meta {
-            let content =
-                |w: &Work, i: usize| !w.vals[i].is_empty() || w.flags[i] & FLAG_STORE != 0;
-            for ch in CHANNELS {
-                let i = ch.index();
-                let exists = w.present[i] || content(&w, i);
-                let changed = w.dirty[i] || touch || self.reissue || out.created || out.regenerated;
-                // Nothing to send: no cookie for the channel, or it exists and
-                // did not change.
-                if !exists || (w.present[i] && !changed) {
-                    if clear[i] {
-                        out.set_cookies.push(cx.spec.clear_line(ch, cx.https));
+        let mut out = std::mem::take(&mut w.out);
+        out.meta = w.meta;
+        for ch in CHANNELS {
+            match w.meta {
+                Some(m) => {
+                    let exists =
+                        w.present[ch] || !w.vals[ch].is_empty() || w.flags[ch] & FLAG_STORE != 0;
+                    let changed =
+                        w.dirty[ch] || touch || self.reissue || out.created || out.regenerated;
+                    // Nothing to send: no cookie for the channel, or it
+                    // exists and did not change.
+                    if !exists || (w.present[ch] && !changed) {
+                        if w.clear[ch] {
+                            out.set_cookies.push(cx.spec.clear_line(ch, cx.https));
+                        }
+                        continue;
                     }
-                    continue;
+                    out.set_cookies.push(self.cookie_line(cx, &mut w, ch, m)?);
                 }
-                let payload = Payload {
-                    id: m.id,
-                    tag: m.tag,
-                    created: m.created,
-                    expires: m.expires,
-                    touched: m.touched,
-                    flags: w.flags[i],
-                    values: std::mem::take(&mut w.vals[i]),
-                };
-                let value = cx.codec.seal(cx.spec.name(ch), &payload);
-                let expires = ch.permanent().then_some(m.expires);
-                let line = cx.spec.set_line(ch, &value, expires, cx.now, cx.https);
-                if line.len() > MAX_SET_COOKIE {
-                    return Err(err(
-                        DirectiveErrorKind::CookieTooLarge,
-                        format!(
-                            "the Set-Cookie line for `{}` would exceed 4096 bytes",
-                            cx.spec.name(ch)
-                        ),
-                    ));
-                }
-                out.set_cookies.push(line);
-            }
-        } else {
-            for ch in CHANNELS {
-                if clear[ch.index()] {
-                    out.set_cookies.push(cx.spec.clear_line(ch, cx.https));
-                }
+                None if w.clear[ch] => out.set_cookies.push(cx.spec.clear_line(ch, cx.https)),
+                None => {}
             }
         }
+        out.batch = self.plan_batch(cx, w, touch, limits);
+        Ok(out)
+    }
 
+    /// One channel's `Set-Cookie` line.
+    fn cookie_line(
+        &self,
+        cx: &WriteContext,
+        w: &mut Work,
+        ch: Channel,
+        m: Meta,
+    ) -> Result<String, DirectiveError> {
+        let payload = Payload {
+            id: m.id,
+            tag: m.tag,
+            created: m.created,
+            expires: m.expires,
+            touched: m.touched,
+            flags: w.flags[ch],
+            values: std::mem::take(&mut w.vals[ch]),
+        };
+        let value = cx.codec.seal(cx.spec.name(ch), &payload);
+        let expires = ch.permanent().then_some(m.expires);
+        let line = cx.spec.set_line(ch, &value, expires, cx.now, cx.https);
+        if line.len() > MAX_SET_COOKIE {
+            return Err(err(
+                DirectiveErrorKind::CookieTooLarge,
+                format!(
+                    "the Set-Cookie line for `{}` would exceed 4096 bytes",
+                    cx.spec.name(ch)
+                ),
+            ));
+        }
+        Ok(line)
+    }
+
+    /// The store batch: field operations, a Destroy or Regenerate, a touch,
+    /// or only a limit check; `None` when the store has nothing to do.
+    fn plan_batch(
+        &self,
+        cx: &WriteContext,
+        w: Work,
+        touch: bool,
+        limits: Option<LimitCheck>,
+    ) -> Option<WriteBatch> {
         let store_touch = touch && !self.degraded && w.flags.iter().any(|f| f & FLAG_STORE != 0);
         let has_ops = w.ops.iter().any(|o| !o.is_empty());
-        if let Some(m) = meta.filter(|_| {
-            has_ops
-                || rename_from.is_some()
-                || batch_destroy.is_some()
-                || store_touch
-                || limits.is_some()
-        }) {
-            let expire_at = match s.idle_timeout {
-                Some(idle) => m.expires.min(m.touched.saturating_add(idle)),
-                None => m.expires,
-            };
-            let mut b = WriteBatch::new(StoreKey::from(m), expire_at);
-            b.destroy = batch_destroy;
-            b.rename_from = rename_from;
-            b.channels = w.ops;
-            b.limits = limits;
-            out.batch = Some(b);
-        } else if let Some(old) = batch_destroy {
-            let mut b = WriteBatch::new(old, 0);
-            b.destroy = Some(old);
-            out.batch = Some(b);
+        let needed = has_ops
+            || w.rename_from.is_some()
+            || w.destroy.is_some()
+            || store_touch
+            || limits.is_some();
+        match w.meta {
+            Some(m) if needed => {
+                let expire_at = match cx.settings.idle_timeout {
+                    Some(idle) => m.expires.min(m.touched.saturating_add(idle)),
+                    None => m.expires,
+                };
+                let mut b = WriteBatch::new(StoreKey::from(m), expire_at);
+                b.destroy = w.destroy;
+                b.rename_from = w.rename_from;
+                b.channels = w.ops.0;
+                b.limits = limits;
+                Some(b)
+            }
+            _ => w.destroy.map(|old| {
+                let mut b = WriteBatch::new(old, 0);
+                b.destroy = Some(old);
+                b
+            }),
         }
-        Ok(out)
     }
 }
 
