@@ -199,7 +199,7 @@ fn check(file: &std::path::Path, connect: bool) -> i32 {
             if let crate::config::StoreKind::Embedded { path, .. } = &c.store.kind {
                 return check_embedded(path);
             }
-            match crate::server::open_store(&c)? {
+            match crate::server::open_store(&c).map_err(|e| e.to_string())? {
                 None => Ok("no store (kind: none)".to_string()),
                 Some(store) => tokio::time::timeout(
                     c.store.timeout.max(std::time::Duration::from_secs(1)),

@@ -3,6 +3,7 @@
 //! `X-Session*` request headers and answers with `X-Session-*` directives.
 
 use crate::config::Config;
+use crate::server::StartError;
 use async_trait::async_trait;
 use http::Response;
 use pingora::apps::http_app::{HttpServer, ServeHttp};
@@ -12,16 +13,18 @@ use std::path::Path;
 
 const CONFIG: &str = include_str!("../config/demo.yaml");
 
-pub fn run(listen: &str, data: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(data).map_err(|e| format!("cannot create {}: {e}", data.display()))?;
+pub fn run(listen: &str, data: &Path) -> Result<(), StartError> {
+    std::fs::create_dir_all(data)
+        .map_err(|e| StartError::Demo(format!("cannot create {}: {e}", data.display())))?;
     let data = data
         .canonicalize()
-        .map_err(|e| format!("cannot resolve {}: {e}", data.display()))?;
+        .map_err(|e| StartError::Demo(format!("cannot resolve {}: {e}", data.display())))?;
     // A per-checkout secret, so demo sessions survive a restart.
     let secret_file = data.join("demo-secret");
     if !secret_file.exists() {
-        std::fs::write(&secret_file, crate::codec::keygen() + "\n")
-            .map_err(|e| format!("cannot write {}: {e}", secret_file.display()))?;
+        std::fs::write(&secret_file, crate::codec::keygen() + "\n").map_err(|e| {
+            StartError::Demo(format!("cannot write {}: {e}", secret_file.display()))
+        })?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -30,7 +33,7 @@ pub fn run(listen: &str, data: &Path) -> Result<(), String> {
     }
     let app_addr = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
-        .map_err(|e| format!("cannot find a port for the demo app: {e}"))?;
+        .map_err(|e| StartError::Demo(format!("cannot find a port for the demo app: {e}")))?;
     // The config reads these through ${...}; anything else from the process
     // environment.
     let env = |name: &str| match name {
@@ -40,8 +43,7 @@ pub fn run(listen: &str, data: &Path) -> Result<(), String> {
         "GIMLET_DEMO_DATA" => Some(data.display().to_string()),
         other => crate::config::process_env(other),
     };
-    let config =
-        Config::parse_with(CONFIG, &data.join("demo.yaml"), &env).map_err(|e| e.to_string())?;
+    let config = Config::parse_with(CONFIG, &data.join("demo.yaml"), &env)?;
     crate::logging::init(&config.log);
 
     let mut app = Service::new("gimlet demo app".to_string(), HttpServer::new_app(DemoApp));

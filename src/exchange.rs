@@ -229,7 +229,7 @@ pub fn settle(
     match (outcome, write) {
         (Err(e), _) => Commit::Rejected(e),
         (Ok(o), None | Some(Ok(()))) => Commit::Applied(o),
-        (Ok(_), Some(Err(StoreError::Rejected(e)))) => Commit::Rejected(e),
+        (Ok(_), Some(Err(StoreError::Rejected(r)))) => Commit::Rejected(r.into()),
         (Ok(_), Some(Err(e))) if on_error == OnError::Fail => Commit::Unavailable(e),
         (Ok(_), Some(Err(e))) => Commit::Rejected(DirectiveError::new(
             DirectiveErrorKind::StoreUnavailable,
@@ -407,7 +407,7 @@ mod tests {
             Commit::Rejected(e) => assert_eq!(e.kind, DirectiveErrorKind::StoreUnavailable),
             other => panic!("{other:?}"),
         }
-        let limits = DirectiveError::new(DirectiveErrorKind::TooManyKeys, "x");
+        let limits = crate::store::Refusal::TooManyKeys { keys: 5, max: 3 };
         match settle(ok(), Some(Err(StoreError::Rejected(limits))), OnError::Fail) {
             Commit::Rejected(e) => assert_eq!(e.label(), "too_many_keys"),
             other => panic!("{other:?}"),

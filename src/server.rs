@@ -22,31 +22,53 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+/// Why the gateway could not start (the CLI prints it and exits non-zero).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigErrors),
+    /// The store could not be opened (`store.path`, a Redis URL).
+    #[error("{0}")]
+    Store(String),
+    /// An upstream address that does not resolve.
+    #[error("{0}")]
+    Routes(String),
+    /// A listener: no free port, or its TLS files.
+    #[error("listen {addr}: {reason}")]
+    Listen { addr: SocketAddr, reason: String },
+    /// The demo's data directory or app port.
+    #[error("{0}")]
+    Demo(String),
+}
+
 /// Open the configured store. Embedded opens its file now (a startup error
 /// if it cannot); Redis connects lazily inside the proxy's runtime.
-pub fn open_store(config: &Config) -> Result<Option<Store>, String> {
+pub fn open_store(config: &Config) -> Result<Option<Store>, StartError> {
     Ok(match &config.store.kind {
         StoreKind::None => None,
         StoreKind::Memory => Some(Store::Memory(MemoryStore::new())),
         StoreKind::Embedded { path, cache } => Some(Store::Embedded(
-            EmbeddedStore::open(path, *cache).map_err(|e| format!("store.path: {e}"))?,
+            EmbeddedStore::open(path, *cache)
+                .map_err(|e| StartError::Store(format!("store.path: {e}")))?,
         )),
-        StoreKind::Redis(r) => Some(Store::Redis(RedisStore::new(
-            r.clone(),
-            config.store.timeout,
-        )?)),
+        StoreKind::Redis(r) => Some(Store::Redis(
+            RedisStore::new(r.clone(), config.store.timeout).map_err(StartError::Store)?,
+        )),
     })
 }
 
 /// Port 0 means "any free port": pick one now so it can be printed (and read
 /// by tests and scripts). The listener binds it a moment later.
-fn concrete(addr: SocketAddr) -> Result<SocketAddr, String> {
+fn concrete(addr: SocketAddr) -> Result<SocketAddr, StartError> {
     if addr.port() != 0 {
         return Ok(addr);
     }
     std::net::TcpListener::bind(addr)
         .and_then(|l| l.local_addr())
-        .map_err(|e| format!("cannot find a free port on {}: {e}", addr.ip()))
+        .map_err(|e| StartError::Listen {
+            addr,
+            reason: format!("cannot find a free port: {e}"),
+        })
 }
 
 /// Serve until a signal says stop. `extra` services (the demo app) run in the
@@ -54,13 +76,13 @@ fn concrete(addr: SocketAddr) -> Result<SocketAddr, String> {
 pub fn run(
     config: Config,
     extra: Vec<Box<dyn pingora::services::ServiceWithDependents>>,
-) -> Result<(), String> {
+) -> Result<(), StartError> {
     if config.session.settings.dev_insecure {
         tracing::warn!("session.dev_insecure is ON: every request counts as HTTPS and cookies lose Secure. Never use this in production.");
         eprintln!("gimlet: WARNING: session.dev_insecure is on (local development only)");
     }
     let store = open_store(&config)?;
-    let state = State::new(config.clone())?;
+    let state = State::new(config.clone()).map_err(StartError::Routes)?;
     let shared = Arc::new(Shared {
         state: arc_swap::ArcSwap::from_pointee(state),
         store,
@@ -104,7 +126,10 @@ pub fn run(
             Some(t) => {
                 let mut tls =
                     TlsSettings::intermediate(&t.cert.to_string_lossy(), &t.key.to_string_lossy())
-                        .map_err(|e| format!("listen {addr}: TLS certificate or key: {e}"))?;
+                        .map_err(|e| StartError::Listen {
+                            addr,
+                            reason: format!("TLS certificate or key: {e}"),
+                        })?;
                 tls.enable_h2();
                 proxy.add_tls_with_settings(&addr.to_string(), None, tls);
                 lines.push(format!("gimlet listening on https://{addr}"));
@@ -155,6 +180,7 @@ pub fn run(
         shutdown_signal: Box::new(Signals {
             shared: shared.clone(),
             grace: config.server.grace_period,
+            run_dir: run_dir.clone(),
         }),
     });
     let _ = std::fs::remove_dir_all(&run_dir);
@@ -166,6 +192,8 @@ pub fn run(
 struct Signals {
     shared: Arc<Shared>,
     grace: std::time::Duration,
+    /// Removed on every way out, the early drained exit included.
+    run_dir: PathBuf,
 }
 
 #[async_trait]
@@ -188,12 +216,19 @@ impl ShutdownSignalWatch for Signals {
         // pingora waits out the whole grace period; exit as soon as the
         // last request in flight is done instead.
         let shared = self.shared.clone();
+        let run_dir = self.run_dir.clone();
         let deadline = std::time::Instant::now() + self.grace;
         std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(100));
             while std::time::Instant::now() < deadline {
                 if shared.inflight.load(Ordering::Acquire) == 0 {
+                    // pingora would sleep out the whole grace period; leave
+                    // now, after the cleanup `run` does on its way out.
                     tracing::info!("drained: exiting");
+                    let _ = std::fs::remove_dir_all(&run_dir);
+                    use std::io::Write;
+                    let _ = std::io::stdout().flush();
+                    let _ = std::io::stderr().flush();
                     std::process::exit(0);
                 }
                 std::thread::sleep(std::time::Duration::from_millis(10));

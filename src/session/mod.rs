@@ -99,3 +99,26 @@ impl Session {
                 || (!https && settings.policies.any_secure()))
     }
 }
+
+/// A store's refusal as the directive error the client and the log see:
+/// the one place store words become directive words.
+impl From<crate::store::Refusal> for crate::model::DirectiveError {
+    fn from(r: crate::store::Refusal) -> Self {
+        use crate::model::{DirectiveError, DirectiveErrorKind};
+        use crate::store::Refusal;
+        match r {
+            Refusal::NotInteger { key } => DirectiveError::not_integer(&key),
+            Refusal::Overflow { key } => DirectiveError::overflow(&key),
+            Refusal::TooManyKeys { keys, max } => DirectiveError::new(
+                DirectiveErrorKind::TooManyKeys,
+                format!("the session would hold {keys} keys, more than limits.keys ({max})"),
+            ),
+            Refusal::SessionTooLarge { bytes, max } => DirectiveError::new(
+                DirectiveErrorKind::SessionTooLarge,
+                format!(
+                    "the session would hold {bytes} bytes, more than limits.session_bytes ({max})"
+                ),
+            ),
+        }
+    }
+}

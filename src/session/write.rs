@@ -630,7 +630,7 @@ impl Session {
                 known.channels[ch.index()] = m.clone();
             }
         }
-        known.check(&check)?;
+        known.check(&check).map_err(DirectiveError::from)?;
         let unread = CHANNELS
             .iter()
             .any(|ch| w.flags[*ch] & FLAG_STORE != 0 && w.stored[*ch].is_none())

@@ -13,7 +13,7 @@ pub mod embedded;
 pub mod memory;
 pub mod redis;
 
-use crate::model::{DirectiveError, DirectiveErrorKind, SessionId, CHANNELS};
+use crate::model::{DirectiveErrorKind, SessionId, CHANNELS};
 use std::collections::BTreeMap;
 use std::future::Future;
 
@@ -105,11 +105,38 @@ impl WriteBatch {
     }
 }
 
+/// Why a store refused a batch as a whole (nothing of it was written). The
+/// session core turns it into the directive error the client sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    NotInteger { key: String },
+    Overflow { key: String },
+    TooManyKeys { keys: usize, max: usize },
+    SessionTooLarge { bytes: usize, max: usize },
+}
+
+impl Refusal {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refusal::NotInteger { .. } => "not_integer",
+            Refusal::Overflow { .. } => "overflow",
+            Refusal::TooManyKeys { .. } => "too_many_keys",
+            Refusal::SessionTooLarge { .. } => "session_too_large",
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the store refused the write ({})", self.label())
+    }
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The batch was refused as a whole (Incr on a non-integer, limits).
     #[error("{0}")]
-    Rejected(DirectiveError),
+    Rejected(Refusal),
     /// The store did not answer in time.
     #[error("store timed out")]
     Timeout,
@@ -200,7 +227,7 @@ impl Record {
 
     /// Apply one channel's writes; errors leave `self` partly changed, so
     /// callers apply to a copy and keep it only on success.
-    pub fn apply(&mut self, ch: usize, w: &ChannelWrite) -> Result<(), DirectiveError> {
+    pub fn apply(&mut self, ch: usize, w: &ChannelWrite) -> Result<(), Refusal> {
         let map = &mut self.channels[ch];
         if w.clear {
             map.clear();
@@ -212,14 +239,20 @@ impl Record {
             map.insert(k.clone(), v.clone());
         }
         for (k, n) in &w.incr {
-            let next = crate::model::incremented(map.get(k).map(String::as_str), k, *n)?;
+            let next =
+                crate::model::incremented(map.get(k).map(String::as_str), k, *n).map_err(|e| {
+                    match e.kind {
+                        DirectiveErrorKind::NotInteger => Refusal::NotInteger { key: k.clone() },
+                        _ => Refusal::Overflow { key: k.clone() },
+                    }
+                })?;
             map.insert(k.clone(), next.to_string());
         }
         Ok(())
     }
 
     /// Check the limits over this record plus the clientside data.
-    pub fn check(&self, l: &LimitCheck) -> Result<(), DirectiveError> {
+    pub fn check(&self, l: &LimitCheck) -> Result<(), Refusal> {
         let keys: usize = self.channels.iter().map(|c| c.len()).sum::<usize>() + l.client_keys;
         let bytes: usize = self
             .channels
@@ -229,29 +262,23 @@ impl Record {
             .sum::<usize>()
             + l.client_bytes;
         if keys > l.max_keys {
-            return Err(DirectiveError::new(
-                DirectiveErrorKind::TooManyKeys,
-                format!(
-                    "the session would hold {keys} keys, more than limits.keys ({})",
-                    l.max_keys
-                ),
-            ));
+            return Err(Refusal::TooManyKeys {
+                keys,
+                max: l.max_keys,
+            });
         }
         if bytes > l.max_bytes {
-            return Err(DirectiveError::new(
-                DirectiveErrorKind::SessionTooLarge,
-                format!(
-                    "the session would hold {bytes} bytes, more than limits.session_bytes ({})",
-                    l.max_bytes
-                ),
-            ));
+            return Err(Refusal::SessionTooLarge {
+                bytes,
+                max: l.max_bytes,
+            });
         }
         Ok(())
     }
 
     /// Apply a whole batch to `self` (the record of `batch.key`, after any
     /// rename/destroy has been resolved by the caller).
-    pub fn apply_batch(&mut self, batch: &WriteBatch) -> Result<(), DirectiveError> {
+    pub fn apply_batch(&mut self, batch: &WriteBatch) -> Result<(), Refusal> {
         for ch in CHANNELS {
             self.apply(ch.index(), &batch.channels[ch.index()])?;
         }

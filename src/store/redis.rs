@@ -16,8 +16,8 @@
 //! Connections are made lazily inside the proxy's runtime, reconnect on
 //! their own, and every call is bounded by `store.timeout` by the caller.
 
-use super::{Loaded, SessionStore, StoreError, StoreKey, WriteBatch};
-use crate::model::{DirectiveError, DirectiveErrorKind, SessionId, CHANNELS};
+use super::{Loaded, Refusal, SessionStore, StoreError, StoreKey, WriteBatch};
+use crate::model::{SessionId, CHANNELS};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use std::collections::BTreeMap;
@@ -324,27 +324,20 @@ impl SessionStore for RedisStore {
             with_conn!(conn, c => inv.invoke_async(&mut c).await).map_err(unavailable)?;
         match reply.first().map(String::as_str) {
             Some("ok") => Ok(()),
-            Some("not_integer") => {
-                Err(StoreError::Rejected(DirectiveError::not_integer(&reply[1])))
-            }
-            Some("overflow") => Err(StoreError::Rejected(DirectiveError::overflow(&reply[1]))),
-            Some(reason @ ("too_many_keys" | "session_too_large")) => {
-                let (kind, what) = if reason == "too_many_keys" {
-                    (
-                        DirectiveErrorKind::TooManyKeys,
-                        "more keys than limits.keys",
-                    )
-                } else {
-                    (
-                        DirectiveErrorKind::SessionTooLarge,
-                        "more bytes than limits.session_bytes",
-                    )
-                };
-                Err(StoreError::Rejected(DirectiveError::new(
-                    kind,
-                    format!("the session would hold {what} ({})", reply[1]),
-                )))
-            }
+            Some("not_integer") => Err(StoreError::Rejected(Refusal::NotInteger {
+                key: reply[1].clone(),
+            })),
+            Some("overflow") => Err(StoreError::Rejected(Refusal::Overflow {
+                key: reply[1].clone(),
+            })),
+            Some("too_many_keys") => Err(StoreError::Rejected(Refusal::TooManyKeys {
+                keys: reply[1].parse().unwrap_or(0),
+                max: b.limits.map_or(0, |l| l.max_keys),
+            })),
+            Some("session_too_large") => Err(StoreError::Rejected(Refusal::SessionTooLarge {
+                bytes: reply[1].parse().unwrap_or(0),
+                max: b.limits.map_or(0, |l| l.max_bytes),
+            })),
             other => Err(StoreError::Unavailable(format!(
                 "redis: unexpected script reply {other:?}"
             ))),
