@@ -3,7 +3,7 @@
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use gimlet::codec::Codec;
-use gimlet::model::{Payload, SessionId};
+use gimlet::model::{Flags, Meta, Payload, SessionId};
 use std::collections::BTreeMap;
 
 fn payload(n: usize) -> Payload {
@@ -15,12 +15,14 @@ fn payload(n: usize) -> Payload {
         );
     }
     Payload {
-        id: SessionId::random(),
-        tag: 42,
-        created: 1_800_000_000_000,
-        expires: 1_800_600_000_000,
-        touched: 1_800_000_000_000,
-        flags: 1,
+        meta: Meta {
+            id: SessionId::random(),
+            tag: 42,
+            created: 1_800_000_000_000,
+            expires: 1_800_600_000_000,
+            touched: 1_800_000_000_000,
+        },
+        flags: Flags::STORE,
         values,
     }
 }

@@ -18,7 +18,7 @@
 //! The payload (see [`Payload`]) is a compact binary record: id, hash tag,
 //! created / expires / touched times, store flags, and the clientside values.
 
-use crate::model::{valid_key, Payload, Rejection, SessionId};
+use crate::model::{valid_key, Flags, Meta, Payload, Rejection, SessionId};
 use aes_gcm::aead::{Aead, KeyInit, Payload as AeadPayload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -220,12 +220,13 @@ pub fn sealed_len(p: &Payload, encrypt: bool) -> usize {
 
 fn encode_payload(p: &Payload) -> Vec<u8> {
     let mut b = Vec::with_capacity(payload_len(p));
-    b.extend_from_slice(&p.id.0);
-    b.extend_from_slice(&p.tag.to_le_bytes());
-    b.extend_from_slice(&p.created.to_le_bytes());
-    b.extend_from_slice(&p.expires.to_le_bytes());
-    b.extend_from_slice(&p.touched.to_le_bytes());
-    b.push(p.flags);
+    let m = &p.meta;
+    b.extend_from_slice(&m.id.0);
+    b.extend_from_slice(&m.tag.to_le_bytes());
+    b.extend_from_slice(&m.created.to_le_bytes());
+    b.extend_from_slice(&m.expires.to_le_bytes());
+    b.extend_from_slice(&m.touched.to_le_bytes());
+    b.push(p.flags.bits());
     put_varint(&mut b, p.values.len() as u64);
     for (k, v) in &p.values {
         debug_assert!(valid_key(k));
@@ -281,16 +282,18 @@ pub fn decode_payload(b: &[u8]) -> Option<Payload> {
         last = Some(key.to_owned());
         values.insert(key.to_owned(), value);
     }
-    if !rest.is_empty() || flags & !0b11 != 0 {
+    if !rest.is_empty() {
         return None;
     }
     Some(Payload {
-        id: SessionId(id),
-        tag,
-        created,
-        expires,
-        touched,
-        flags,
+        meta: Meta {
+            id: SessionId(id),
+            tag,
+            created,
+            expires,
+            touched,
+        },
+        flags: Flags::from_bits(flags)?,
         values,
     })
 }
@@ -349,12 +352,14 @@ mod tests {
             values.insert(format!("k{i:02}"), format!("value é {i}"));
         }
         Payload {
-            id: SessionId::random(),
-            tag: 7,
-            created: 1_700_000_000_000,
-            expires: 1_700_600_000_000,
-            touched: 1_700_000_001_000,
-            flags: 1,
+            meta: Meta {
+                id: SessionId::random(),
+                tag: 7,
+                created: 1_700_000_000_000,
+                expires: 1_700_600_000_000,
+                touched: 1_700_000_001_000,
+            },
+            flags: Flags::STORE,
             values,
         }
     }

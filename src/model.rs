@@ -260,25 +260,52 @@ impl Default for Limits {
 /// session carries the same id and times.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Payload {
-    pub id: SessionId,
-    pub tag: u32,
-    /// Creation time, ms since the epoch.
-    pub created: u64,
-    /// End of the absolute lifetime, ms since the epoch.
-    pub expires: u64,
-    /// Last touch (idle timeout), ms since the epoch.
-    pub touched: u64,
-    /// [`FLAG_STORE`], [`FLAG_SPILL`].
-    pub flags: u8,
+    pub meta: Meta,
+    pub flags: Flags,
     /// Clientside values of this channel, sorted by key.
     pub values: BTreeMap<String, String>,
 }
 
-/// The store may hold server-side data for this channel of the session.
-pub const FLAG_STORE: u8 = 1;
-/// Clientside keys of this channel overflowed the cookie and were moved to
-/// the store, so even routes that read only clientside keys must read it.
-pub const FLAG_SPILL: u8 = 2;
+/// What a channel's cookie says about the store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flags(u8);
+
+impl Flags {
+    pub const NONE: Flags = Flags(0);
+    /// The store may hold server-side data for this channel of the session.
+    pub const STORE: Flags = Flags(1);
+    /// Clientside keys of this channel overflowed the cookie and were moved
+    /// to the store, so even routes that read only clientside keys must read
+    /// it.
+    pub const SPILL: Flags = Flags(2);
+
+    pub fn contains(self, f: Flags) -> bool {
+        self.0 & f.0 == f.0
+    }
+
+    /// The byte in a cookie.
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// `None` for a byte with bits this version does not know.
+    pub fn from_bits(b: u8) -> Option<Flags> {
+        (b & !0b11 == 0).then_some(Flags(b))
+    }
+}
+
+impl std::ops::BitOr for Flags {
+    type Output = Flags;
+    fn bitor(self, o: Flags) -> Flags {
+        Flags(self.0 | o.0)
+    }
+}
+
+impl std::ops::BitOrAssign for Flags {
+    fn bitor_assign(&mut self, o: Flags) {
+        self.0 |= o.0;
+    }
+}
 
 /// Identity and times of a live session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

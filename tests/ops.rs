@@ -200,12 +200,14 @@ async fn every_metric_family_moves() {
     // Rejected cookies, one per reason.
     let other = gimlet::codec::Codec::new(&[SECRET2], true);
     let payload = gimlet::model::Payload {
-        id: gimlet::model::SessionId::random(),
-        tag: 1,
-        created: gimlet::model::now_ms(),
-        expires: gimlet::model::now_ms() + 60_000,
-        touched: gimlet::model::now_ms(),
-        flags: 0,
+        meta: gimlet::model::Meta {
+            id: gimlet::model::SessionId::random(),
+            tag: 1,
+            created: gimlet::model::now_ms(),
+            expires: gimlet::model::now_ms() + 60_000,
+            touched: gimlet::model::now_ms(),
+        },
+        flags: gimlet::model::Flags::NONE,
         values: Default::default(),
     };
     let stranger = Browser::new(&g);

@@ -13,7 +13,7 @@ mod write;
 pub use read::{Forward, LoadPlan, RequestInfo};
 pub use write::{CookieChange, Outcome, WriteContext};
 
-use crate::model::{channel_order, Channel, Meta, Payload, Rejection, Settings, FLAG_STORE};
+use crate::model::{channel_order, Channel, Flags, Meta, Payload, Rejection, Settings};
 use std::collections::BTreeMap;
 
 /// The per-request session: what the cookies said, what the store returned.
@@ -81,9 +81,11 @@ impl Session {
         out
     }
 
-    /// Store flags (`FLAG_*`) of a channel as the request cookie said.
-    pub fn flags(&self, ch: Channel) -> u8 {
-        self.cookies[ch.index()].as_ref().map_or(0, |p| p.flags)
+    /// Store flags of a channel as the request cookie said.
+    pub fn flags(&self, ch: Channel) -> Flags {
+        self.cookies[ch.index()]
+            .as_ref()
+            .map_or(Flags::NONE, |p| p.flags)
     }
 
     /// Might the store hold data of this session that the request's cookies
@@ -95,7 +97,7 @@ impl Session {
                 .cookies
                 .iter()
                 .flatten()
-                .any(|p| p.flags & FLAG_STORE != 0)
+                .any(|p| p.flags.contains(Flags::STORE))
                 || (!https && settings.policies.any_secure()))
     }
 }

@@ -4,8 +4,8 @@ use super::Session;
 use crate::codec::Codec;
 use crate::cookie::{self, CookieSpec};
 use crate::model::{
-    Channel, KeySet, LocalAnswer, Meta, OnError, OnMissing, Payload, Rejection, Settings, CHANNELS,
-    FLAG_SPILL, FLAG_STORE,
+    Channel, Flags, KeySet, LocalAnswer, Meta, OnError, OnMissing, Payload, Rejection, Settings,
+    CHANNELS,
 };
 use crate::store::{Loaded, StoreError, StoreKey};
 use percent_encoding::{AsciiSet, CONTROLS};
@@ -103,12 +103,12 @@ impl Session {
         let primary = order
             .iter()
             .find_map(|ch| valid[ch.index()].first())
-            .map(|(p, _)| (p.id, p.tag));
+            .map(|(p, _)| (p.meta.id, p.meta.tag));
         for ch in CHANNELS {
             let i = ch.index();
             let mine = std::mem::take(&mut valid[i])
                 .into_iter()
-                .find(|(p, _)| Some((p.id, p.tag)) == primary);
+                .find(|(p, _)| Some((p.meta.id, p.meta.tag)) == primary);
             match mine {
                 Some((p, stale)) => {
                     s.reissue |= stale;
@@ -124,16 +124,8 @@ impl Session {
                 continue;
             };
             match &mut meta {
-                None => {
-                    meta = Some(Meta {
-                        id: p.id,
-                        tag: p.tag,
-                        created: p.created,
-                        expires: p.expires,
-                        touched: p.touched,
-                    })
-                }
-                Some(m) => m.touched = m.touched.max(p.touched),
+                None => meta = Some(p.meta),
+                Some(m) => m.touched = m.touched.max(p.meta.touched),
             }
         }
         if let Some(m) = meta {
@@ -166,14 +158,14 @@ impl Session {
         let mut mask = 0u8;
         for ch in CHANNELS {
             let flags = self.flags(ch);
-            if flags & FLAG_STORE == 0 {
+            if !flags.contains(Flags::STORE) {
                 continue;
             }
             // A key could sit in this channel's store hash if its policy puts
             // it there, or if it was spilled there from this channel's cookie.
             let could_hold = |k: &str| {
                 let p = settings.policies.for_read(k);
-                p.channel() == ch && (!p.clientside || flags & FLAG_SPILL != 0)
+                p.channel() == ch && (!p.clientside || flags.contains(Flags::SPILL))
             };
             let needed = match read {
                 KeySet::All => true,

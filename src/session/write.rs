@@ -10,8 +10,8 @@ use crate::codec::{self, Codec};
 use crate::cookie::{CookieSpec, MAX_SET_COOKIE};
 use crate::directives::Directives;
 use crate::model::{
-    channel_order, random_tag, Channel, DirectiveError, DirectiveErrorKind, KeySet, Meta, Payload,
-    PerChannel, Policy, SessionId, Settings, CHANNELS, FLAG_SPILL, FLAG_STORE,
+    channel_order, random_tag, Channel, DirectiveError, DirectiveErrorKind, Flags, KeySet, Meta,
+    Payload, PerChannel, Policy, SessionId, Settings, CHANNELS,
 };
 use crate::store::{ChannelWrite, LimitCheck, StoreKey, WriteBatch};
 use std::collections::BTreeMap;
@@ -92,7 +92,7 @@ fn err(kind: DirectiveErrorKind, detail: String) -> DirectiveError {
 /// browser's cookie will hold and what the store is told to do.
 struct Work {
     vals: PerChannel<BTreeMap<String, String>>,
-    flags: PerChannel<u8>,
+    flags: PerChannel<Flags>,
     /// A cookie of the channel exists in the browser (request or new).
     present: PerChannel<bool>,
     /// The channel's cookie content changed.
@@ -217,7 +217,7 @@ impl Work {
         self.out.applied.incr += 1;
         let home = p.channel();
         let spilled = p.clientside
-            && self.flags[home] & FLAG_SPILL != 0
+            && self.flags[home].contains(Flags::SPILL)
             && !self.vals[home].contains_key(key)
             && self.stored[home].is_none();
         if p.clientside && !spilled {
@@ -289,8 +289,8 @@ impl Work {
     /// data an earlier cookie of that channel left behind.
     fn mark_store_data(&mut self) {
         for ch in CHANNELS {
-            if self.ops[ch].adds() && self.flags[ch] & FLAG_STORE == 0 {
-                self.flags[ch] |= FLAG_STORE;
+            if self.ops[ch].adds() && !self.flags[ch].contains(Flags::STORE) {
+                self.flags[ch] |= Flags::STORE;
                 self.dirty[ch] = true;
                 if !self.present[ch] && !self.out.created && self.rename_from.is_none() {
                     self.ops[ch].clear = true;
@@ -316,7 +316,7 @@ impl Work {
     /// Might the store hash of `ch` hold `key`?
     fn store_may_hold(&self, ch: Channel, key: &str) -> bool {
         !self.degraded
-            && self.flags[ch] & FLAG_STORE != 0
+            && self.flags[ch].contains(Flags::STORE)
             && self.stored[ch].as_ref().is_none_or(|m| m.contains_key(key))
     }
 
@@ -535,7 +535,7 @@ impl Session {
                 }
                 let p = s.policies.for_read(&k);
                 let home = p.channel();
-                let spilled = p.clientside && home == ch && w.flags[ch] & FLAG_SPILL != 0;
+                let spilled = p.clientside && home == ch && w.flags[ch].contains(Flags::SPILL);
                 if (!p.clientside && home == ch) || spilled || (home.secure() && !cx.https) {
                     continue;
                 }
@@ -561,13 +561,11 @@ impl Session {
             }
             let room = MAX_SET_COOKIE.saturating_sub(cx.spec.overhead(ch));
             loop {
+                // The sealed length depends on the values and fixed-size
+                // fields only.
                 let probe = Payload {
-                    id: SessionId([0; 16]),
-                    tag: 0,
-                    created: 0,
-                    expires: 0,
-                    touched: 0,
-                    flags: w.flags[ch] | FLAG_STORE | FLAG_SPILL,
+                    meta: w.meta.expect("begun"),
+                    flags: w.flags[ch] | Flags::STORE | Flags::SPILL,
                     values: std::mem::take(&mut w.vals[ch]),
                 };
                 let len = codec::sealed_len(&probe, cx.encrypt);
@@ -592,7 +590,7 @@ impl Session {
                 };
                 let v = w.vals[ch].remove(&k).expect("present");
                 w.store_set(ch, &k, v);
-                w.flags[ch] |= FLAG_SPILL;
+                w.flags[ch] |= Flags::SPILL;
             }
         }
         Ok(())
@@ -633,7 +631,7 @@ impl Session {
         known.check(&check).map_err(DirectiveError::from)?;
         let unread = CHANNELS
             .iter()
-            .any(|ch| w.flags[*ch] & FLAG_STORE != 0 && w.stored[*ch].is_none())
+            .any(|ch| w.flags[*ch].contains(Flags::STORE) && w.stored[*ch].is_none())
             || (!cx.https && !w.out.destroyed && cx.settings.policies.any_secure());
         if w.ops.iter().any(|o| o.adds()) || (grows && unread) {
             Ok(Some(check))
@@ -655,8 +653,9 @@ impl Session {
         for ch in CHANNELS {
             match w.meta {
                 Some(m) => {
-                    let exists =
-                        w.present[ch] || !w.vals[ch].is_empty() || w.flags[ch] & FLAG_STORE != 0;
+                    let exists = w.present[ch]
+                        || !w.vals[ch].is_empty()
+                        || w.flags[ch].contains(Flags::STORE);
                     let changed =
                         w.dirty[ch] || touch || self.reissue || out.created || out.regenerated;
                     // Nothing to send: no cookie for the channel, or it
@@ -686,11 +685,7 @@ impl Session {
         m: Meta,
     ) -> Result<String, DirectiveError> {
         let payload = Payload {
-            id: m.id,
-            tag: m.tag,
-            created: m.created,
-            expires: m.expires,
-            touched: m.touched,
+            meta: m,
             flags: w.flags[ch],
             values: std::mem::take(&mut w.vals[ch]),
         };
@@ -718,7 +713,8 @@ impl Session {
         touch: bool,
         limits: Option<LimitCheck>,
     ) -> Option<WriteBatch> {
-        let store_touch = touch && !self.degraded && w.flags.iter().any(|f| f & FLAG_STORE != 0);
+        let store_touch =
+            touch && !self.degraded && w.flags.iter().any(|f| f.contains(Flags::STORE));
         let has_ops = w.ops.iter().any(|o| !o.is_empty());
         let needed = has_ops
             || w.rename_from.is_some()
@@ -913,7 +909,7 @@ mod tests {
         );
         assert!(b.limits.is_some());
         let s = env.session(&o.set_cookies, 2000);
-        assert_eq!(s.flags(Channel::Perm) & FLAG_STORE, FLAG_STORE);
+        assert!(s.flags(Channel::Perm).contains(Flags::STORE));
         // Known store data now: a second key needs no Set-Cookie.
         let o2 = s.apply(&d(&[("role", "x")]), &env.cx(2000)).unwrap();
         assert!(o2.set_cookies.is_empty());
