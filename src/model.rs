@@ -83,6 +83,27 @@ pub const CHANNELS: [Channel; 4] = [
     Channel::SecureTrans,
 ];
 
+/// A set of channels (which store hashes a request reads).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ChannelSet(u8);
+
+impl ChannelSet {
+    pub const NONE: ChannelSet = ChannelSet(0);
+    pub const ALL: ChannelSet = ChannelSet(0b1111);
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn contains(self, ch: Channel) -> bool {
+        self.0 & ch.bit() != 0
+    }
+
+    pub fn insert(&mut self, ch: Channel) {
+        self.0 |= ch.bit();
+    }
+}
+
 /// One value per channel, indexed by [`Channel`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PerChannel<T>(pub [T; 4]);

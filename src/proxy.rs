@@ -257,7 +257,7 @@ impl Gateway {
         };
         ctx.store_round_trips += 1;
         let read = self
-            .timed("read", cfg.store.timeout, store.load(&key, plan.0))
+            .timed("read", cfg.store.timeout, store.load(&key, plan))
             .await;
         if let Err(e) = &read {
             tracing::warn!(route = %route.cfg.name, error = %e, "session store read failed");

@@ -10,7 +10,7 @@
 mod read;
 mod write;
 
-pub use read::{Forward, LoadPlan, RequestInfo};
+pub use read::{Forward, RequestInfo};
 pub use write::{CookieChange, Outcome, WriteContext};
 
 use crate::model::{channel_order, Channel, Flags, Meta, Payload, Rejection, Settings};

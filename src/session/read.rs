@@ -4,8 +4,8 @@ use super::Session;
 use crate::codec::Codec;
 use crate::cookie::{self, CookieSpec};
 use crate::model::{
-    Channel, Flags, KeySet, LocalAnswer, Meta, OnError, OnMissing, Payload, Rejection, Settings,
-    CHANNELS,
+    Channel, ChannelSet, Flags, KeySet, LocalAnswer, Meta, OnError, OnMissing, Payload, Rejection,
+    Settings, CHANNELS,
 };
 use crate::store::{Loaded, StoreError, StoreKey};
 use percent_encoding::{AsciiSet, CONTROLS};
@@ -19,19 +19,6 @@ const MAX_COOKIES_PER_NAME: usize = 4;
 pub struct RequestInfo {
     pub https: bool,
     pub now: u64,
-}
-
-/// Which store channels to read (a bit mask of [`Channel::bit`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LoadPlan(pub u8);
-
-impl LoadPlan {
-    pub fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-    pub fn contains(self, ch: Channel) -> bool {
-        self.0 & ch.bit() != 0
-    }
 }
 
 /// Headers for the upstream, computed from the session.
@@ -151,11 +138,11 @@ impl Session {
     /// Store channels to read for a route that reads `read` and also needs
     /// `extra` keys (`require:` gate). None when the route reads no key that
     /// could live in the store, or the cookie says the store holds nothing.
-    pub fn load_plan(&self, settings: &Settings, read: &KeySet, extra: &[String]) -> LoadPlan {
+    pub fn load_plan(&self, settings: &Settings, read: &KeySet, extra: &[String]) -> ChannelSet {
         if self.meta.is_none() || !settings.has_store {
-            return LoadPlan(0);
+            return ChannelSet::NONE;
         }
-        let mut mask = 0u8;
+        let mut set = ChannelSet::NONE;
         for ch in CHANNELS {
             let flags = self.flags(ch);
             if !flags.contains(Flags::STORE) {
@@ -173,10 +160,10 @@ impl Session {
                 KeySet::Only(keys) => keys.iter().any(|k| could_hold(k)),
             } || extra.iter().any(|k| could_hold(k));
             if needed {
-                mask |= ch.bit();
+                set.insert(ch);
             }
         }
-        LoadPlan(mask)
+        set
     }
 
     /// The store read this request needs (the session's key and the
@@ -187,7 +174,7 @@ impl Session {
         settings: &Settings,
         read: &KeySet,
         require: &[String],
-    ) -> Option<(StoreKey, LoadPlan)> {
+    ) -> Option<(StoreKey, ChannelSet)> {
         let meta = self.meta?;
         let plan = self.load_plan(settings, read, require);
         (!plan.is_empty()).then(|| (StoreKey::from(meta), plan))

@@ -19,7 +19,7 @@
 //! the cache if no commit touched that shard while it read the file.
 
 use super::{Loaded, Record, SessionStore, StoreError, StoreKey, WriteBatch};
-use crate::model::{SessionId, CHANNELS};
+use crate::model::{ChannelSet, SessionId, CHANNELS};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -210,7 +210,7 @@ fn read_record(
     data: &impl ReadableTable<&'static [u8], &'static [u8]>,
     session: &impl ReadableTable<&'static [u8], u64>,
     id: &SessionId,
-    mask: u8,
+    mask: ChannelSet,
     now: u64,
 ) -> Result<(Record, u64), redb::Error> {
     let mut rec = Record::default();
@@ -219,7 +219,7 @@ fn read_record(
         return Ok((rec, 0));
     }
     for ch in CHANNELS {
-        if mask & ch.bit() == 0 {
+        if !mask.contains(ch) {
             continue;
         }
         let lo = prefix(id, ch as u8);
@@ -269,7 +269,7 @@ fn apply(
     let before = if b.destroy.is_some_and(|d| d.id == src) {
         Record::default()
     } else {
-        read_record(&data, &session, &src, 0b1111, now)?.0
+        read_record(&data, &session, &src, ChannelSet::ALL, now)?.0
     };
     let mut after = before.clone();
     if !b.destroy_only() {
@@ -414,7 +414,7 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Msg>, cache: Arc<Cache>) {
 }
 
 impl SessionStore for EmbeddedStore {
-    async fn load(&self, key: &StoreKey, mask: u8) -> Result<Loaded, StoreError> {
+    async fn load(&self, key: &StoreKey, mask: ChannelSet) -> Result<Loaded, StoreError> {
         let now = crate::model::now_ms();
         let generation = match self.cache.get(&key.id, now) {
             Ok(rec) => return Ok(rec.loaded(mask)),
@@ -428,7 +428,7 @@ impl SessionStore for EmbeddedStore {
                 let txn = db.begin_read()?;
                 let data = txn.open_table(DATA)?;
                 let session = txn.open_table(SESSION)?;
-                read_record(&data, &session, &id, 0b1111, now)
+                read_record(&data, &session, &id, ChannelSet::ALL, now)
             })
             .await
             .map_err(|e| StoreError::Unavailable(format!("embedded store: {e}")))?
@@ -487,7 +487,9 @@ mod tests {
     }
 
     async fn get(s: &EmbeddedStore, k: StoreKey) -> BTreeMapOf {
-        s.load(&k, 0b1111).await.unwrap()[0].clone().unwrap()
+        s.load(&k, ChannelSet::ALL).await.unwrap()[0]
+            .clone()
+            .unwrap()
     }
 
     type BTreeMapOf = std::collections::BTreeMap<String, String>;

@@ -2,7 +2,7 @@
 //! Lost on restart; expired records are dropped on access and by a sweep.
 
 use super::{Loaded, Record, SessionStore, StoreError, StoreKey, WriteBatch};
-use crate::model::SessionId;
+use crate::model::{ChannelSet, SessionId};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
@@ -36,7 +36,7 @@ impl MemoryStore {
 }
 
 impl SessionStore for MemoryStore {
-    async fn load(&self, key: &StoreKey, mask: u8) -> Result<Loaded, StoreError> {
+    async fn load(&self, key: &StoreKey, mask: ChannelSet) -> Result<Loaded, StoreError> {
         let now = crate::model::now_ms();
         let map = self.map.lock().unwrap();
         let rec = match map.get(&key.id) {

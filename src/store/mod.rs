@@ -13,7 +13,7 @@ pub mod embedded;
 pub mod memory;
 pub mod redis;
 
-use crate::model::{DirectiveErrorKind, SessionId, CHANNELS};
+use crate::model::{ChannelSet, DirectiveErrorKind, SessionId, CHANNELS};
 use std::collections::BTreeMap;
 use std::future::Future;
 
@@ -163,7 +163,7 @@ pub trait SessionStore: Send + Sync {
     fn load(
         &self,
         key: &StoreKey,
-        mask: u8,
+        mask: ChannelSet,
     ) -> impl Future<Output = Result<Loaded, StoreError>> + Send;
     /// Apply a batch atomically in one round trip.
     fn write(&self, batch: &WriteBatch) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -187,7 +187,7 @@ impl Store {
         }
     }
 
-    pub async fn load(&self, key: &StoreKey, mask: u8) -> Result<Loaded, StoreError> {
+    pub async fn load(&self, key: &StoreKey, mask: ChannelSet) -> Result<Loaded, StoreError> {
         match self {
             Store::Memory(s) => s.load(key, mask).await,
             Store::Embedded(s) => s.load(key, mask).await,
@@ -289,10 +289,10 @@ impl Record {
     }
 
     /// The channels in `mask`, as loaded data.
-    pub fn loaded(&self, mask: u8) -> Loaded {
+    pub fn loaded(&self, mask: ChannelSet) -> Loaded {
         let mut out: Loaded = Default::default();
         for ch in CHANNELS {
-            if mask & ch.bit() != 0 {
+            if mask.contains(ch) {
                 out[ch.index()] = Some(self.channels[ch.index()].clone());
             }
         }

@@ -17,7 +17,7 @@
 //! their own, and every call is bounded by `store.timeout` by the caller.
 
 use super::{Loaded, Refusal, SessionStore, StoreError, StoreKey, WriteBatch};
-use crate::model::{SessionId, CHANNELS};
+use crate::model::{ChannelSet, SessionId, CHANNELS};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use std::collections::BTreeMap;
@@ -276,12 +276,12 @@ fn script_args(b: &WriteBatch) -> Vec<String> {
 }
 
 impl SessionStore for RedisStore {
-    async fn load(&self, key: &StoreKey, mask: u8) -> Result<Loaded, StoreError> {
+    async fn load(&self, key: &StoreKey, mask: ChannelSet) -> Result<Loaded, StoreError> {
         let conn = self.conn().await?;
         let mut pipe = redis::pipe();
         let mut read = Vec::new();
         for ch in CHANNELS {
-            if mask & ch.bit() != 0 {
+            if mask.contains(ch) {
                 pipe.hgetall(self.key(key.tag, &key.id, ch.store_suffix()));
                 read.push(ch);
             }
