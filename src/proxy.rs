@@ -350,6 +350,29 @@ impl Gateway {
         Ok(())
     }
 
+    /// A response whose directives were refused: count it, then (unless
+    /// the route ignores directive errors) answer 502, or 503 when the store
+    /// write failed under `on_error: fail`.
+    fn refuse(&self, ctx: &mut Ctx, route: &Route, commit: Commit) -> Result<()> {
+        match commit {
+            Commit::Applied(_) => Ok(()),
+            Commit::Rejected(e) => {
+                self.count_directive_error(ctx, &e);
+                if route.cfg.on_directive_error == OnDirectiveError::Ignore {
+                    return Ok(());
+                }
+                ctx.answer = Some(exchange::rejected_answer(&e));
+                Error::e_explain(HTTPStatus(502), "session directive rejected")
+            }
+            Commit::Unavailable(e) => {
+                let id = ctx.session.meta.map(|m| m.id);
+                tracing::error!(route = %route.cfg.name, session = ?id, error = %e, "session store write failed after the upstream answered; answering 503");
+                ctx.answer = Some(LocalAnswer::store_unavailable());
+                Error::e_explain(HTTPStatus(503), "session store write failed")
+            }
+        }
+    }
+
     /// The upstream cannot set our cookies: drop (and count) its
     /// `Set-Cookie` lines that would.
     fn drop_our_cookies(&self, resp: &mut ResponseHeader, ctx: &Ctx) -> Result<()> {
@@ -537,20 +560,7 @@ impl ProxyHttp for Gateway {
         let write = self.write(ctx, &outcome).await;
         match exchange::settle(outcome, write, state.config.store.on_error) {
             Commit::Applied(o) => self.send_cookies(resp, ctx, o),
-            Commit::Rejected(e) => {
-                self.count_directive_error(ctx, &e);
-                if route.cfg.on_directive_error == OnDirectiveError::Ignore {
-                    return Ok(());
-                }
-                ctx.answer = Some(exchange::rejected_answer(&e));
-                Error::e_explain(HTTPStatus(502), "session directive rejected")
-            }
-            Commit::Unavailable(e) => {
-                let id = ctx.session.meta.map(|m| m.id);
-                tracing::error!(route = %route.cfg.name, session = ?id, error = %e, "session store write failed after the upstream answered; answering 503");
-                ctx.answer = Some(LocalAnswer::store_unavailable());
-                Error::e_explain(HTTPStatus(503), "session store write failed")
-            }
+            refused => self.refuse(ctx, route, refused),
         }
     }
 
@@ -602,18 +612,7 @@ impl ProxyHttp for Gateway {
         // pingora drops the client connection after a failure past this
         // point; say so, so a client does not reuse it.
         session.set_keepalive(None);
-        let code = match (&ctx.answer, e.etype()) {
-            (Some(a), _) => a.status,
-            (None, HTTPStatus(code)) => *code,
-            (None, _) => match e.esource() {
-                ErrorSource::Upstream => 502,
-                ErrorSource::Downstream => match e.etype() {
-                    WriteError | ReadError | ConnectionClosed => 0,
-                    _ => 400,
-                },
-                ErrorSource::Internal | ErrorSource::Unset => 500,
-            },
-        };
+        let code = failure_status(ctx.answer.as_ref(), e);
         let a = match ctx.answer.take() {
             Some(a) => a,
             None => {
@@ -662,6 +661,23 @@ impl ProxyHttp for Gateway {
             directives = ctx.applied,
             error = e.map(|e| e.etype().as_str()),
         );
+    }
+}
+
+/// The status of a failure answer: ours, or from the error's kind and
+/// where it came from (0: the client is gone, nothing to write).
+fn failure_status(ours: Option<&LocalAnswer>, e: &Error) -> u16 {
+    match (ours, e.etype()) {
+        (Some(a), _) => a.status,
+        (None, HTTPStatus(code)) => *code,
+        (None, _) => match e.esource() {
+            ErrorSource::Upstream => 502,
+            ErrorSource::Downstream => match e.etype() {
+                WriteError | ReadError | ConnectionClosed => 0,
+                _ => 400,
+            },
+            ErrorSource::Internal | ErrorSource::Unset => 500,
+        },
     }
 }
 

@@ -102,6 +102,8 @@ impl Router {
     }
 }
 
+/// The host without its port. Hand-written on purpose: parsing an
+/// `http::uri::Authority` would copy the header on every request.
 fn strip_port(h: &str) -> &str {
     if let Some(rest) = h.strip_prefix('[') {
         // [v6]:port
