@@ -196,8 +196,8 @@ fn check(file: &std::path::Path, connect: bool) -> i32 {
             }
         };
         let result = rt.block_on(async {
-            if let crate::config::StoreKind::Embedded { path, .. } = &c.store.kind {
-                return check_embedded(path);
+            if let crate::config::StoreKind::Embedded(o) = &c.store.kind {
+                return check_embedded(&o.path);
             }
             match crate::server::open_store(&c).map_err(|e| e.to_string())? {
                 None => Ok("no store (kind: none)".to_string()),
@@ -227,7 +227,7 @@ fn check(file: &std::path::Path, connect: bool) -> i32 {
             match &c.store.kind {
                 crate::config::StoreKind::None => "none",
                 crate::config::StoreKind::Memory => "memory",
-                crate::config::StoreKind::Embedded { .. } => "embedded",
+                crate::config::StoreKind::Embedded(_) => "embedded",
                 crate::config::StoreKind::Redis(_) => "redis",
             }
         );

@@ -47,8 +47,8 @@ pub fn open_store(config: &Config) -> Result<Option<Store>, StartError> {
     Ok(match &config.store.kind {
         StoreKind::None => None,
         StoreKind::Memory => Some(Store::Memory(MemoryStore::new())),
-        StoreKind::Embedded { path, cache } => Some(Store::Embedded(
-            EmbeddedStore::open(path, *cache)
+        StoreKind::Embedded(o) => Some(Store::Embedded(
+            EmbeddedStore::open(&o.path, o.cache)
                 .map_err(|e| StartError::Store(format!("store.path: {e}")))?,
         )),
         StoreKind::Redis(r) => Some(Store::Redis(

@@ -27,6 +27,7 @@ pub use source::{expand_env, process_env, Env};
 
 use crate::cookie::CookieSpec;
 use crate::model::{KeySet, OnDirectiveError, OnError, OnMissing, Settings};
+use crate::store::embedded::EmbeddedOptions;
 use crate::store::redis::RedisOptions;
 use errors::{serde_error, Errors};
 use ipnet::IpNet;
@@ -100,11 +101,7 @@ pub struct SessionConfig {
 pub enum StoreKind {
     None,
     Memory,
-    Embedded {
-        path: PathBuf,
-        /// Sessions kept in memory in front of the file (0: none).
-        cache: usize,
-    },
+    Embedded(EmbeddedOptions),
     Redis(RedisOptions),
 }
 
@@ -338,10 +335,10 @@ mod tests {
         assert_eq!(c.listen[0].addr.to_string(), "0.0.0.0:8080");
         assert_eq!(
             c.store.kind,
-            StoreKind::Embedded {
+            StoreKind::Embedded(EmbeddedOptions {
                 path: "/etc/gimlet/data/sessions.redb".into(),
                 cache: 10_000
-            }
+            })
         );
         assert_eq!(c.session.settings.lifetime, 7 * 86400 * 1000);
         assert_eq!(c.session.settings.idle_timeout, None);

@@ -6,6 +6,7 @@ use super::raw::*;
 use super::source::resolve;
 use super::{StoreConfig, StoreKind};
 use crate::model::OnError;
+use crate::store::embedded::EmbeddedOptions;
 use crate::store::redis::RedisOptions;
 use std::path::Path;
 
@@ -37,10 +38,10 @@ pub(super) fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreC
         "memory" => StoreKind::Memory,
         "embedded" => {
             let p = e.opt_text("store.path", &raw.path);
-            StoreKind::Embedded {
+            StoreKind::Embedded(EmbeddedOptions {
                 path: resolve(base, p.as_deref().unwrap_or(defaults::EMBEDDED_PATH)),
                 cache: raw.cache.unwrap_or(defaults::EMBEDDED_CACHE),
-            }
+            })
         }
         _ => {
             let url = e.opt_text("store.url", &raw.url);

@@ -356,6 +356,151 @@ pub fn encode_header_value(v: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cookie::{SameSite, SecureMode};
+    use crate::model::{Flags, KeyPolicies, Limits, Policy, SessionId};
+    use std::collections::BTreeMap;
+
+    fn settings() -> Settings {
+        Settings {
+            policies: KeyPolicies {
+                declared: Default::default(),
+                undeclared: Some(Policy::SERVER),
+                fallback: Policy::SERVER,
+            },
+            limits: Limits::default(),
+            lifetime: 3_600_000,
+            idle_timeout: None,
+            touch_interval: 1000,
+            has_store: true,
+            dev_insecure: false,
+        }
+    }
+
+    /// A session whose plain cookie says the store holds data.
+    fn session(flags: Flags) -> Session {
+        let meta = Meta {
+            id: SessionId([7; 16]),
+            tag: 3,
+            created: 1,
+            expires: u64::MAX,
+            touched: 1,
+        };
+        let mut s = Session {
+            meta: Some(meta),
+            ..Default::default()
+        };
+        s.cookies[Channel::Perm.index()] = Some(Payload {
+            meta,
+            flags,
+            values: BTreeMap::new(),
+        });
+        s
+    }
+
+    #[test]
+    fn load_request_reads_only_what_the_cookie_promises() {
+        let st = settings();
+        let s = session(Flags::STORE);
+        let (key, plan) = s.load_request(&st, &KeySet::All, &[]).unwrap();
+        assert_eq!((key.id, key.tag), (SessionId([7; 16]), 3));
+        assert!(plan.contains(Channel::Perm) && !plan.contains(Channel::Trans));
+        assert!(s.load_request(&st, &KeySet::None, &[]).is_none());
+        assert!(s
+            .load_request(&st, &KeySet::None, &["user".to_string()])
+            .is_some());
+        assert!(session(Flags::NONE)
+            .load_request(&st, &KeySet::All, &[])
+            .is_none());
+        assert!(Session::default()
+            .load_request(&st, &KeySet::All, &[])
+            .is_none());
+    }
+
+    #[test]
+    fn absorb_follows_on_error() {
+        let mut s = session(Flags::STORE);
+        let mut loaded: Loaded = Default::default();
+        loaded[0] = Some(BTreeMap::from([("user".to_string(), "ann".to_string())]));
+        s.absorb(Ok(loaded), OnError::Fail).unwrap();
+        assert_eq!(s.get("user", &settings()), Some("ann"));
+        let mut s = session(Flags::STORE);
+        assert!(s.absorb(Err(StoreError::Timeout), OnError::Fail).is_err());
+        assert!(!s.degraded);
+        s.absorb(Err(StoreError::Timeout), OnError::Degrade)
+            .unwrap();
+        assert!(s.degraded);
+    }
+
+    #[test]
+    fn gate_answers_with_the_route_answer_and_clears_bad_cookies() {
+        let st = settings();
+        let spec = CookieSpec::new(
+            "g",
+            "/".into(),
+            None,
+            SameSite::Lax,
+            SecureMode::Auto,
+            false,
+        );
+        let mut s = session(Flags::NONE);
+        let need = ["user".to_string()];
+        let a = s
+            .gate(&st, &need, &OnMissing::Status(403), &spec, false, "/x")
+            .unwrap();
+        assert_eq!((a.status, a.headers.len()), (403, 0));
+        s.clear[Channel::Trans.index()] = true;
+        let a = s
+            .gate(
+                &st,
+                &need,
+                &OnMissing::Redirect("/login?n={path}".into()),
+                &spec,
+                false,
+                "/a b?q=1",
+            )
+            .unwrap();
+        assert_eq!(a.status, 302);
+        assert_eq!(
+            a.headers[0],
+            ("location", "/login?n=%2Fa%20b%3Fq%3D1".to_string())
+        );
+        assert!(a.headers[1].1.starts_with("g-t=; Max-Age=0"));
+        s.stored[0] = Some(BTreeMap::from([("user".to_string(), String::new())]));
+        assert!(s
+            .gate(&st, &need, &OnMissing::Status(401), &spec, false, "/")
+            .is_none());
+        assert!(s
+            .gate(&st, &[], &OnMissing::Status(401), &spec, false, "/")
+            .is_none());
+    }
+
+    #[test]
+    fn upstream_headers_are_built_in_one_place() {
+        let s = session(Flags::NONE);
+        let fwd = Forward {
+            x_session: Some("user=ann".into()),
+            mapped: vec![("X-Remote-User".into(), "ann".into())],
+        };
+        let ip = Some("10.0.0.9".parse().unwrap());
+        let h = s.upstream_headers(fwd, true, ip, &["1.2.3.4".to_string()]);
+        let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+        assert_eq!(get("x-forwarded-proto"), Some("https"));
+        assert_eq!(get("x-forwarded-for"), Some("1.2.3.4, 10.0.0.9"));
+        assert_eq!(
+            get("x-session-id"),
+            Some("07070707070707070707070707070707")
+        );
+        assert_eq!(get("x-session-secure"), Some("1"));
+        assert_eq!(get("x-session"), Some("user=ann"));
+        assert_eq!(get("X-Remote-User"), Some("ann"));
+        assert_eq!(get("x-session-degraded"), None);
+        let h = Session::default().upstream_headers(Forward::default(), false, None, &[]);
+        assert_eq!(
+            h.len(),
+            1,
+            "only the scheme without a session or client: {h:?}"
+        );
+    }
 
     #[test]
     fn header_values() {

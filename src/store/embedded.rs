@@ -128,6 +128,15 @@ impl Cache {
     }
 }
 
+/// What `store.kind: embedded` says (the config layer builds it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EmbeddedOptions {
+    /// The redb file (created with its directories).
+    pub path: std::path::PathBuf,
+    /// Sessions kept in memory in front of the file (0: none).
+    pub cache: usize,
+}
+
 impl EmbeddedStore {
     /// Open (or create) the file and start the writer thread. `cache` bounds
     /// the number of sessions kept in memory (0: no cache).
