@@ -1,5 +1,5 @@
 //! One request's way through the gateway, without pingora. Each hook in
-//! [`crate::proxy`] reads what pingora hands in, calls one function here (or
+//! the proxy module reads what pingora hands in, calls one function here (or
 //! on [`Session`]), and writes the answer back, so every decision below is
 //! unit-tested without a server:
 //!
