@@ -57,18 +57,35 @@ pub fn open_store(config: &Config) -> Result<Option<Store>, StartError> {
     })
 }
 
-/// Port 0 means "any free port": pick one now so it can be printed (and read
-/// by tests and scripts). The listener binds it a moment later.
+/// The address a listener will serve on, checked by binding it before
+/// anything says "listening": an address in use (or not ours) is a startup
+/// error naming it, not a process that reports healthy and serves nothing.
+/// Port 0 means "any free port": one is picked here so it can be printed
+/// (and read by tests and scripts). pingora binds it a moment later.
 fn concrete(addr: SocketAddr) -> Result<SocketAddr, StartError> {
-    if addr.port() != 0 {
-        return Ok(addr);
-    }
     std::net::TcpListener::bind(addr)
         .and_then(|l| l.local_addr())
         .map_err(|e| StartError::Listen {
             addr,
-            reason: format!("cannot find a free port: {e}"),
+            reason: if addr.port() == 0 {
+                format!("cannot find a free port: {e}")
+            } else {
+                format!("cannot bind: {e}")
+            },
         })
+}
+
+/// A panic in any thread (a serving thread that could not build its
+/// listeners, a bug) ends the process with a non-zero status: a gateway half
+/// alive, answering `/healthz` while serving nothing, is worse than one that
+/// a supervisor restarts.
+fn exit_on_panic() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        eprintln!("gimlet: a thread panicked; exiting");
+        std::process::exit(101);
+    }));
 }
 
 /// Serve until a signal says stop. `extra` services (the demo app) run in the
@@ -176,6 +193,7 @@ pub fn run(
         routes = config.routes.len(),
         "gimlet started"
     );
+    exit_on_panic();
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals {
             shared: shared.clone(),

@@ -485,3 +485,58 @@ async fn sigterm_finishes_the_request_in_flight() {
         "still accepting"
     );
 }
+
+/// A listener (or the admin port) that cannot bind is a startup error that
+/// names the address, exits non-zero at once, and never says "listening".
+#[test]
+fn a_taken_port_is_fatal_at_once() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let up = Upstream::start();
+    for (listen, admin) in [
+        (addr.to_string(), "127.0.0.1:0".to_string()),
+        ("127.0.0.1:0".to_string(), addr.to_string()),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("gimlet.yaml");
+        std::fs::write(
+            &f,
+            format!(
+                "listen:\n  - addr: {listen}\nadmin: {{ addr: {admin} }}\n{}",
+                config(&up, "", "{ kind: memory }", "")
+            ),
+        )
+        .unwrap();
+        let (out_f, err_f) = (dir.path().join("out"), dir.path().join("err"));
+        let mut child = std::process::Command::new(bin())
+            .args(["run", "-c"])
+            .arg(&f)
+            .stdout(std::fs::File::create(&out_f).unwrap())
+            .stderr(std::fs::File::create(&err_f).unwrap())
+            .spawn()
+            .unwrap();
+        // Never wait for a half-alive process: give it 3 s, then kill it.
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break Some(s);
+            }
+            if start.elapsed() > Duration::from_secs(3) {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stdout = std::fs::read_to_string(&out_f).unwrap();
+        let stderr = std::fs::read_to_string(&err_f).unwrap();
+        let status = status.unwrap_or_else(|| panic!("still running after 3 s: {stdout} {stderr}"));
+        assert!(!status.success(), "{listen} / {admin}: {stdout} {stderr}");
+        assert!(!stdout.contains("listening"), "{stdout}");
+        assert!(
+            stderr.contains(&format!("listen {addr}")) && stderr.contains("in use"),
+            "{stderr}"
+        );
+    }
+    drop(taken);
+}
