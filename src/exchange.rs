@@ -244,7 +244,7 @@ pub fn rejected_answer(e: &DirectiveError) -> LocalAnswer {
     LocalAnswer::text(
         502,
         format!(
-            "gimlet: the upstream's session directives were rejected ({})\n",
+            "Bad gateway: the app's session directives were rejected ({})\n",
             e.label()
         ),
     )
@@ -252,11 +252,12 @@ pub fn rejected_answer(e: &DirectiveError) -> LocalAnswer {
 
 /// A response that sets one of our cookies must not be cached for anyone
 /// else (SPEC section 2): the `Cache-Control` to set (`None`: leave the
-/// upstream's `no-store` alone) and whether `Vary: Cookie` must be added.
+/// upstream's `no-store` alone) and the one `Vary` to set, the app's own
+/// values with `Cookie` merged in (`None`: it already varies on cookies).
 pub fn cache_headers<'a>(
     cache_control: Option<&str>,
     vary: impl Iterator<Item = &'a str>,
-) -> (Option<String>, bool) {
+) -> (Option<String>, Option<String>) {
     let cc = cache_control.map(str::to_ascii_lowercase);
     let control = if cc.as_deref().is_some_and(|c| c.contains("no-store")) {
         None
@@ -276,10 +277,19 @@ pub fn cache_headers<'a>(
             format!("private, {}", kept.join(", "))
         })
     };
-    let has_cookie = vary
+    let mut values: Vec<&str> = vary
         .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("cookie") || t.trim() == "*");
-    (control, !has_cookie)
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    if values
+        .iter()
+        .any(|t| t.eq_ignore_ascii_case("cookie") || *t == "*")
+    {
+        return (control, None);
+    }
+    values.push("Cookie");
+    (control, Some(values.join(", ")))
 }
 
 #[cfg(test)]
@@ -424,19 +434,22 @@ mod tests {
     fn cache_headers_keep_no_store_and_add_vary_once() {
         assert_eq!(
             cache_headers(None, std::iter::empty()),
-            (Some("private".into()), true)
+            (Some("private".into()), Some("Cookie".into()))
         );
         assert_eq!(
             cache_headers(
                 Some("public, max-age=60, s-maxage=600"),
-                ["Accept"].into_iter()
+                ["Accept", "Accept-Encoding, Origin"].into_iter()
             ),
-            (Some("private, max-age=60".into()), true)
+            (
+                Some("private, max-age=60".into()),
+                Some("Accept, Accept-Encoding, Origin, Cookie".into())
+            )
         );
         assert_eq!(
             cache_headers(Some("no-store"), ["Cookie"].into_iter()),
-            (None, false)
+            (None, None)
         );
-        assert!(!cache_headers(None, ["accept, *"].into_iter()).1);
+        assert!(cache_headers(None, ["accept, *"].into_iter()).1.is_none());
     }
 }

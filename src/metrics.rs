@@ -2,8 +2,8 @@
 //! (not the global one) so each gateway instance counts on its own.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -22,6 +22,12 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub forward_too_large: IntCounterVec,
     pub upstream_cookies_dropped: IntCounter,
+    /// 1 when the last config load (start or SIGHUP) succeeded.
+    pub reload_ok: IntGauge,
+    /// When the config was last loaded successfully (unix seconds).
+    pub reload_ok_time: Gauge,
+    /// Requests in flight (set when scraped).
+    pub in_flight: IntGauge,
 }
 
 const LATENCY: &[f64] = &[
@@ -143,6 +149,26 @@ impl Metrics {
                 )
                 .unwrap(),
             ),
+            reload_ok: reg(
+                &registry,
+                IntGauge::new(
+                    "gimlet_config_last_reload_successful",
+                    "Whether the last config load (start or SIGHUP) succeeded.",
+                )
+                .unwrap(),
+            ),
+            reload_ok_time: reg(
+                &registry,
+                Gauge::new(
+                    "gimlet_config_last_reload_success_timestamp_seconds",
+                    "When the config was last loaded successfully.",
+                )
+                .unwrap(),
+            ),
+            in_flight: reg(
+                &registry,
+                IntGauge::new("gimlet_requests_in_flight", "Requests being served.").unwrap(),
+            ),
             registry,
         };
         m.build_info
@@ -170,6 +196,17 @@ impl Metrics {
             m.config_reloads.with_label_values(&[r]);
         }
         m
+    }
+
+    /// A config was loaded: say so, and create the per-route label sets so
+    /// every family shows at 0 before its first event.
+    pub fn loaded(&self, routes: &[&str]) {
+        self.reload_ok.set(1);
+        self.reload_ok_time
+            .set(crate::model::now_ms() as f64 / 1000.0);
+        for r in routes {
+            self.forward_too_large.with_label_values(&[r]);
+        }
     }
 
     /// The Prometheus text exposition.

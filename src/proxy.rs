@@ -83,6 +83,8 @@ pub struct Ctx {
     applied: u32,
     /// Our own answer, written by `fail_to_proxy`.
     answer: Option<LocalAnswer>,
+    /// Why the response's directives were rejected (for the access line).
+    rejected: Option<&'static str>,
     _inflight: InFlight,
 }
 
@@ -344,8 +346,9 @@ impl Gateway {
         if let Some(c) = control {
             resp.insert_header(http::header::CACHE_CONTROL, c)?;
         }
-        if vary {
-            resp.append_header(http::header::VARY, "Cookie")?;
+        if let Some(v) = vary {
+            // One Vary header: the app's values and Cookie.
+            resp.insert_header(http::header::VARY, v)?;
         }
         Ok(())
     }
@@ -358,6 +361,7 @@ impl Gateway {
             Commit::Applied(_) => Ok(()),
             Commit::Rejected(e) => {
                 self.count_directive_error(ctx, &e);
+                ctx.rejected = Some(e.label());
                 if route.cfg.on_directive_error == OnDirectiveError::Ignore {
                     return Ok(());
                 }
@@ -447,6 +451,7 @@ impl ProxyHttp for Gateway {
             store_round_trips: 0,
             applied: 0,
             answer: None,
+            rejected: None,
             _inflight: InFlight::new(&self.shared),
         }
     }
@@ -659,7 +664,9 @@ impl ProxyHttp for Gateway {
             session = ctx.session.meta.is_some(),
             store_round_trips = ctx.store_round_trips,
             directives = ctx.applied,
-            error = e.map(|e| e.etype().as_str()),
+            directive_error = ctx.rejected,
+            // Our own 502 for rejected directives is said by directive_error.
+            error = e.filter(|_| ctx.rejected.is_none()).map(|e| e.etype().as_str()),
         );
     }
 }

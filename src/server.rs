@@ -106,6 +106,8 @@ pub fn run(
         metrics: Metrics::new(),
         inflight: Default::default(),
     });
+    let names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
+    shared.metrics.loaded(&names);
 
     let grace = config
         .server
@@ -283,12 +285,20 @@ impl Reloader {
             Ok(state) => {
                 let routes = state.router.routes().len();
                 let secrets = state.config.session.secrets.len();
+                let names: Vec<&str> = state
+                    .config
+                    .routes
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .collect();
+                m.loaded(&names);
                 self.shared.state.store(Arc::new(state));
                 m.config_reloads.with_label_values(&["ok"]).inc();
                 tracing::info!(routes, secrets, "config reloaded");
             }
             Err(e) => {
                 m.config_reloads.with_label_values(&["error"]).inc();
+                m.reload_ok.set(0);
                 tracing::error!(error = %e, "config reload failed; keeping the running config");
             }
         }

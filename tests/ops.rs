@@ -540,3 +540,103 @@ fn a_taken_port_is_fatal_at_once() {
     }
     drop(taken);
 }
+
+/// Probes, reload state and in-flight gauges, and every labelled family
+/// present before its first event (issue 13, item 6).
+#[tokio::test(flavor = "multi_thread")]
+async fn probes_reload_gauges_and_families_from_the_start() {
+    let up = Upstream::start();
+    let yaml = config(&up, "", "{ kind: memory }", "");
+    let mut g = Gateway::start(&yaml);
+    let admin = g.admin.unwrap();
+    let c = client();
+    for path in ["/healthz", "/livez"] {
+        let r = send(&c, c.get(format!("http://{admin}{path}"))).await;
+        assert_eq!(r.status, 200, "{path}");
+    }
+    let r = send(&c, c.get(format!("http://{admin}/readyz?verbose"))).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("[+] store: memory answers"), "{}", r.body);
+    assert!(r.body.contains("[+] config"), "{}", r.body);
+
+    let m = g.metrics().await;
+    for sample in [
+        "gimlet_config_last_reload_successful 1",
+        "gimlet_requests_in_flight 0",
+        "gimlet_forward_too_large_total{route=\"app\"} 0",
+        "gimlet_directive_errors_total{reason=\"not_allowed\"} 0",
+        "gimlet_directive_errors_total{reason=\"store_unavailable\"} 0",
+    ] {
+        assert!(m.lines().any(|l| l == sample), "{sample} missing:\n{m}");
+    }
+    let t = metric_value(&m, "gimlet_config_last_reload_success_timestamp_seconds");
+    assert!(t > 1.7e9, "{t}");
+
+    // A broken file on SIGHUP: the gauge says so; a good one restores it.
+    let path = g.dir.join("gimlet.yaml");
+    let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, "routes: [").unwrap();
+    g.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while g.metric("gimlet_config_last_reload_successful").await != 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the failed reload was not reported"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = send(&c, c.get(format!("http://{admin}/readyz?verbose"))).await;
+    assert!(r.body.contains("[-] config"), "{}", r.body);
+    std::fs::write(&path, good).unwrap();
+    g.signal("HUP");
+    while g.metric("gimlet_config_last_reload_successful").await != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the good reload was not reported"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    g.stop();
+}
+
+/// One `Vary` with the app's values and Cookie; a directive error shows a
+/// plain "Bad gateway" with the reason label, and the access line names the
+/// reason (issue 13, item 8).
+#[tokio::test(flavor = "multi_thread")]
+async fn one_vary_and_a_plain_bad_gateway() {
+    let up = Upstream::start();
+    let g = Gateway::start(&config(
+        &up,
+        "",
+        "{ kind: memory }",
+        "    session: { write: [user] }\n",
+    ));
+    let mut b = Browser::new(&g);
+    let r = b
+        .get(
+            "/",
+            &[("Vary", "Accept-Encoding"), ("X-Session-Set", "user=u")],
+        )
+        .await;
+    let vary: Vec<&String> = r
+        .headers
+        .iter()
+        .filter(|(n, _)| n == "vary")
+        .map(|(_, v)| v)
+        .collect();
+    assert_eq!(vary, vec!["Accept-Encoding, Cookie"], "{:?}", r.headers);
+    let r = b.get("/", &[("X-Session-Set", "other=1")]).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(
+        r.body,
+        "Bad gateway: the app's session directives were rejected (not_allowed)\n"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let log = g.log();
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("gimlet::access") && l.contains("status=502"))
+        .unwrap_or_else(|| panic!("no access line:\n{log}"));
+    assert!(line.contains("directive_error=\"not_allowed\""), "{line}");
+    assert!(!line.contains("HTTPStatus"), "{line}");
+}
