@@ -60,7 +60,7 @@ fn check_reports_field_and_line() {
         ),
         (
             &*format!("session:\n  secrets: [\"{SECRET}\"]\nroutes:\n  - name: a\n    upstreams: [127.0.0.1:1]\n    sesion: {{}}\n"),
-            "unknown field `sesion`",
+            "routes[0].sesion: unknown field, did you mean session?",
             "line 6",
         ),
         (

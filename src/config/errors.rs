@@ -62,6 +62,12 @@ pub(super) struct Errors<'a> {
 impl Errors<'_> {
     pub(super) fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
         let path = path.into();
+        // One cause, one error: a field already wrong (an unset `${VAR}`)
+        // is not reported again by the checks that read its value.
+        let shown = scrub_path(&path);
+        if !path.is_empty() && self.list.iter().any(|e| e.path == shown) {
+            return;
+        }
         let line = self.index.line(&path);
         self.list.push(ConfigError {
             path: scrub_path(&path),
@@ -71,9 +77,21 @@ impl Errors<'_> {
     }
 }
 
-pub(super) fn serde_error(e: &serde_yaml::Error, index: &LineIndex) -> ConfigError {
+pub(super) fn serde_error(e: &serde_yaml::Error, index: &LineIndex, file: &str) -> ConfigError {
     let text = e.to_string();
     let line = e.location().map(|l| l.line());
+    // YAML forbids tabs in indentation; say that, not "cannot start any token".
+    if let Some(l) = line {
+        let src = file.lines().nth(l.saturating_sub(1)).unwrap_or("");
+        let indent: &str = &src[..src.len() - src.trim_start().len()];
+        if indent.contains('\t') {
+            return ConfigError {
+                path: String::new(),
+                line,
+                message: "a tab in the indentation (YAML indents with spaces)".into(),
+            };
+        }
+    }
     // serde_yaml prints "path: message at line L column C".
     let body = match text.rfind(" at line ") {
         Some(i) => &text[..i],
@@ -87,6 +105,56 @@ pub(super) fn serde_error(e: &serde_yaml::Error, index: &LineIndex) -> ConfigErr
     // secret written where a list belongs must not reach a terminal or a
     // log. Name the field and the kind of value, never the value.
     let message = scrub(&redact_quoted(&message));
+    if let Some(field) = quoted_after(&message, "missing field `") {
+        // serde names a sibling or child of the mapping that lacks the
+        // field: name the mapping itself, and where it starts.
+        let parent = owner_of(&path, &field);
+        return ConfigError {
+            line: if parent.is_empty() {
+                None
+            } else {
+                index.line(&parent).or(line)
+            },
+            path: scrub_path(&parent),
+            message: format!("missing field {field}"),
+        };
+    }
+    if let Some(field) = quoted_after(&message, "unknown field `") {
+        let expected: Vec<String> = message
+            .split_once("expected ")
+            .map(|(_, list)| {
+                list.split('`')
+                    .skip(1)
+                    .step_by(2)
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let base = path
+            .rsplit_once('.')
+            .filter(|(_, last)| last.starts_with(field.as_str()))
+            .map_or(path.as_str(), |(p, _)| p);
+        let base = if base == field || base.starts_with(&format!("{field}[")) {
+            ""
+        } else {
+            base
+        };
+        let at = if base.is_empty() {
+            field.clone()
+        } else {
+            format!("{base}.{field}")
+        };
+        let message = match closest(&field, &expected) {
+            Some(s) => format!("unknown field, did you mean {s}?"),
+            None if expected.is_empty() => "unknown field".to_string(),
+            None => format!("unknown field (known: {})", expected.join(", ")),
+        };
+        return ConfigError {
+            line: index.line(&at).or(line),
+            path: scrub_path(&at),
+            message,
+        };
+    }
     // Custom errors carry the container's path; name the field on that line.
     let path = match line.and_then(|l| index.field_on_line(&path, l)) {
         Some(p) if p.len() > path.len() => p.to_string(),
@@ -97,6 +165,80 @@ pub(super) fn serde_error(e: &serde_yaml::Error, index: &LineIndex) -> ConfigErr
         line,
         message,
     }
+}
+
+/// The text between `prefix` and the next backtick.
+fn quoted_after(message: &str, prefix: &str) -> Option<String> {
+    let rest = message.strip_prefix(prefix)?;
+    rest.split_once('`').map(|(f, _)| f.to_string())
+}
+
+/// Which mapping a required field belongs to: the nearest ancestor of the
+/// path serde reported whose section has that field.
+fn owner_of(path: &str, field: &str) -> String {
+    const REQUIRED: [(&str, &str); 7] = [
+        ("", "session"),
+        ("", "routes"),
+        ("session", "secrets"),
+        ("routes[]", "name"),
+        ("routes[]", "upstreams"),
+        ("listen[]", "addr"),
+        ("admin", "addr"),
+    ];
+    let kind = |p: &str| -> String {
+        // routes[3].match -> routes[].match
+        let mut out = String::new();
+        let mut skip = false;
+        for c in p.chars() {
+            match c {
+                '[' => {
+                    skip = true;
+                    out.push_str("[]");
+                }
+                ']' => skip = false,
+                _ if skip => {}
+                _ => out.push(c),
+            }
+        }
+        out
+    };
+    let mut p = path.to_string();
+    loop {
+        if REQUIRED.iter().any(|(k, f)| *k == kind(&p) && *f == field) {
+            return p;
+        }
+        if p.is_empty() {
+            return p;
+        }
+        // Drop the last component (`.x` or `[i]`).
+        let cut = p.rfind(['.', '[']).unwrap_or(0);
+        p.truncate(cut);
+    }
+}
+
+/// The known name closest to a misspelled one, if it is close enough to be
+/// what was meant.
+fn closest(field: &str, known: &[String]) -> Option<String> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let cur = row[j + 1];
+                row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+                prev = cur;
+            }
+        }
+        row[b.len()]
+    }
+    known
+        .iter()
+        .map(|k| (distance(field, k), k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k.clone())
 }
 
 /// A value this long could be a secret (the shortest allowed is 32

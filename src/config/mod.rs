@@ -167,7 +167,7 @@ impl Config {
             errors,
         };
         let raw: RawConfig =
-            serde_yaml::from_str(text).map_err(|e| fail(vec![serde_error(&e, &index)]))?;
+            serde_yaml::from_str(text).map_err(|e| fail(vec![serde_error(&e, &index, text)]))?;
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut errs = Errors {
             index: &index,
@@ -357,7 +357,7 @@ mod tests {
         let y = format!("session:\n  secrets: [\"{SECRET}\"]\n  lifetyme: 1d\nroutes: []\n");
         let e = parse(&y).unwrap_err().to_string();
         assert!(
-            e.contains("session.lifetyme: unknown field `lifetyme`"),
+            e.contains("session.lifetyme: unknown field, did you mean lifetime?"),
             "{e}"
         );
         assert!(e.contains("(line 3)"), "{e}");
@@ -574,5 +574,51 @@ mod tests {
         assert!(expand_env("${").is_err());
         assert!(expand_env("${A B}").is_err());
         assert_eq!(expand_env("no vars $HOME").unwrap(), "no vars $HOME");
+    }
+
+    /// Broken configs a user writes, and the exact error each gets: a
+    /// missing field names its parent, an unknown field names itself and
+    /// the closest known one, a tab says so, one cause gives one error.
+    #[test]
+    fn broken_configs_get_errors_that_point_at_the_field() {
+        let env = |_: &str| None;
+        let cases: &[(&str, &str)] = &[
+            ("session:\n  lifetime: 7d\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "session: missing field secrets (line 1)"),
+            ("session:\n  secrets: [\"{S}\"]\nroutes:\n  - match: { path_prefix: / }\n    upstreams: [a:1]\n", "routes[0]: missing field name (line 4)"),
+            ("session:\n  secrets: [\"{S}\"]\n", "missing field routes"),
+            ("routes:\n  - name: a\n    upstreams: [a:1]\n", "missing field session"),
+            ("session:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n    upstream: [a:1]\n", "routes[0].upstream: unknown field, did you mean upstreams? (line 5)"),
+            ("session:\n  secrets: [\"{S}\"]\nrotes:\n  - name: a\n    upstreams: [a:1]\n", "rotes: unknown field, did you mean routes? (line 3)"),
+            ("session:\n  secrets: [\"{S}\"]\n  lifetme: 7d\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "session.lifetme: unknown field, did you mean lifetime? (line 3)"),
+            ("session:\n  secrets: [\"{S}\"]\n  cookie: { same_sit: lax }\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "session.cookie.same_sit: unknown field, did you mean same_site? (line 3)"),
+            ("session:\n\tsecrets: [\"{S}\"]\nroutes: []\n", "a tab in the indentation (YAML indents with spaces) (line 2)"),
+            ("session:\n  secrets: [\"${GIMLET_NOPE}\"]\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "session.secrets[0]: environment variable `GIMLET_NOPE` is not set (line 2)"),
+            ("session:\n  secrets: [\"short\"]\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "session.secrets[0]: secret has 5 characters, at least 32 are needed (generate one with `gimlet keygen`) (line 2)"),
+            ("session:\n  secrets: [\"{S}\"]\n  lifetime: 7 days please\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "session.lifetime: invalid duration `7 days please`: expected number at 7 (write e.g. 250ms, 90s, 2h, 7d, 1h 30m) (line 3)"),
+            ("listen:\n  - addr: nowhere\nsession:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "listen[0].addr: invalid address `nowhere` (write ip:port, e.g. 0.0.0.0:8080 or [::1]:8080) (line 2)"),
+            ("listen:\n  - tls: { cert: a, key: b }\nsession:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "listen[0]: missing field addr (line 2)"),
+            ("admin: {}\nsession:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "admin: missing field addr (line 1)"),
+            ("session:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n", "routes[0]: missing field upstreams (line 4)"),
+            ("session:\n  secrets: [\"{S}\"]\nstore: { kind: sql }\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "store.kind: expected one of embedded, memory, redis, none, found `sql` (line 3)"),
+            ("session:\n  secrets: [\"{S}\"]\nstore: { kind: memory, on_error: maybe }\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "store.on_error: expected one of fail, degrade, found `maybe` (line 3)"),
+            ("session:\n  secrets: [\"{S}\"]\n  cookie: { same_site: lots }\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "session.cookie.same_site: expected one of lax, strict, none, found `lots` (line 3)"),
+            ("session:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n    upstreams: [a:1]\n    session: { read: [cart], headers: { X-User: user } }\n", "routes[0].session.headers.X-User: key `user` is not readable on this route (add it to read:) (line 6)"),
+            ("session:\n  secrets: \"{S}\"\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "session.secrets: invalid type: a string, expected a sequence (line 2)"),
+            ("session:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n    upstreams: [nope]\n", "routes[0].upstreams[0]: `nope` is not host:port (line 5)"),
+            ("session:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n    match: { path_prefx: /a }\n    upstreams: [a:1]\n", "routes[0].match.path_prefx: unknown field, did you mean path_prefix? (line 5)"),
+            ("session:\n  secrets: [\"{S}\"]\n  zzz: 1\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "session.zzz: unknown field (known: secrets, encrypt, cookie, lifetime, idle_timeout, touch_interval, undeclared_keys, keys, limits, dev_insecure, revocation) (line 3)"),
+        ];
+        let mut wrong = Vec::new();
+        for (yaml, want) in cases {
+            let yaml = yaml.replace("{S}", SECRET);
+            let errs = Config::parse_with(&yaml, Path::new("/etc/gimlet/gimlet.yaml"), &env)
+                .unwrap_err()
+                .errors;
+            let got: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+            if got.len() != 1 || got[0] != *want {
+                wrong.push(format!("{yaml:?}\n  want {want:?}\n  got  {got:?}"));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     }
 }
