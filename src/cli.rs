@@ -43,9 +43,13 @@ enum Command {
     },
     /// Run the gateway on the embedded store in front of a built-in demo app.
     Demo {
-        /// Where the gateway listens.
+        /// Where the gateway listens (`ip:port`, or a port on 127.0.0.1).
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
+        /// The admin listener (/metrics, /healthz); by default 127.0.0.1:9464,
+        /// or any free port when that one is taken.
+        #[arg(long)]
+        admin: Option<String>,
         /// Directory for the demo's session file and secret.
         #[arg(long, default_value = "data")]
         data: PathBuf,
@@ -91,7 +95,11 @@ pub fn main() -> i32 {
                 1
             }
         },
-        Command::Demo { listen, data } => match crate::demo::run(&listen, &data) {
+        Command::Demo {
+            listen,
+            admin,
+            data,
+        } => match crate::demo::run(&listen, admin.as_deref(), &data) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("gimlet demo: {e}");

@@ -13,7 +13,32 @@ use std::path::Path;
 
 const CONFIG: &str = include_str!("../config/demo.yaml");
 
-pub fn run(listen: &str, data: &Path) -> Result<(), StartError> {
+/// `--listen` / `--admin`: `ip:port`, or a bare port on 127.0.0.1.
+fn listen_addr(flag: &str, listen: &str) -> Result<std::net::SocketAddr, StartError> {
+    let l = listen.trim();
+    let full = if l.bytes().all(|b| b.is_ascii_digit()) && !l.is_empty() {
+        format!("127.0.0.1:{l}")
+    } else {
+        l.to_string()
+    };
+    full.parse().map_err(|_| {
+        StartError::Demo(format!(
+            "--{flag} `{listen}` is not an address (write 127.0.0.1:8080, or a port such as 8080)"
+        ))
+    })
+}
+
+/// The demo's admin port: fixed (so it can be bookmarked) unless taken.
+const DEMO_ADMIN: &str = "127.0.0.1:9464";
+
+pub fn run(listen: &str, admin: Option<&str>, data: &Path) -> Result<(), StartError> {
+    let listen = listen_addr("listen", listen)?.to_string();
+    let listen = listen.as_str();
+    let admin = match admin {
+        Some(a) => listen_addr("admin", a)?.to_string(),
+        None if std::net::TcpListener::bind(DEMO_ADMIN).is_ok() => DEMO_ADMIN.to_string(),
+        None => "127.0.0.1:0".to_string(),
+    };
     std::fs::create_dir_all(data)
         .map_err(|e| StartError::Demo(format!("cannot create {}: {e}", data.display())))?;
     let data = data
@@ -38,6 +63,7 @@ pub fn run(listen: &str, data: &Path) -> Result<(), StartError> {
     // environment.
     let env = |name: &str| match name {
         "GIMLET_DEMO_LISTEN" => Some(listen.to_string()),
+        "GIMLET_DEMO_ADMIN" => Some(admin.clone()),
         "GIMLET_DEMO_UPSTREAM" => Some(app_addr.to_string()),
         "GIMLET_DEMO_SECRET" => Some(format!("file:{}", secret_file.display())),
         "GIMLET_DEMO_DATA" => Some(data.display().to_string()),
@@ -56,7 +82,14 @@ pub fn run(listen: &str, data: &Path) -> Result<(), StartError> {
     );
     println!("  the demo app on {app_addr} only sees headers. Ctrl-C stops both.");
     println!();
-    crate::server::run(config, vec![Box::new(app)])
+    crate::server::run(config, vec![Box::new(app)]).map_err(|e| match e {
+        // redb refuses a file another process holds open.
+        StartError::Store(m) if m.contains("already open") => StartError::Demo(format!(
+            "another gimlet demo is running with the data directory {}; stop it, or start this one with --data DIR and --listen ADDR",
+            data.display()
+        )),
+        other => other,
+    })
 }
 
 pub struct DemoApp;

@@ -223,3 +223,79 @@ async fn demo_serves_the_app_on_the_embedded_store() {
     assert_eq!(r.status, 302);
     assert!(demo.dir.path().join("sessions.redb").exists());
 }
+
+/// `gimlet demo` edge cases (issue 13, item 3): a second demo on the same
+/// data directory says so; `--listen` takes a bare port; a bad `--listen`
+/// is named.
+#[tokio::test(flavor = "multi_thread")]
+async fn demo_edge_cases_say_what_to_do() {
+    let first = Demo::start();
+    let run = |args: &[&str]| {
+        let mut child = Command::new(bin())
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                use std::io::Read;
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                return (status, err);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("gimlet demo {args:?} still running after 5 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let data = first.dir.path().to_str().unwrap().to_string();
+    let port = free_port().to_string();
+    let (status, err) = run(&[
+        "demo",
+        "--listen",
+        &port,
+        "--admin",
+        "127.0.0.1:0",
+        "--data",
+        &data,
+    ]);
+    assert!(!status.success());
+    assert!(err.contains("another gimlet demo is running"), "{err}");
+    assert!(err.contains("--data") && err.contains("--listen"), "{err}");
+    let (status, err) = run(&["demo", "--listen", "eighty", "--data", &data]);
+    assert!(!status.success());
+    assert!(err.contains("--listen `eighty` is not an address"), "{err}");
+
+    // A bare port listens on 127.0.0.1.
+    let other = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = Command::new(bin())
+        .args([
+            "demo",
+            "--listen",
+            &port.to_string(),
+            "--admin",
+            "127.0.0.1:0",
+            "--data",
+        ])
+        .arg(other.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_port(format!("127.0.0.1:{port}").parse().unwrap());
+    let c = client();
+    let r = send(&c, c.get(format!("http://127.0.0.1:{port}/"))).await;
+    assert_eq!(r.status, 200);
+    let _ = child.kill();
+    let _ = child.wait();
+}

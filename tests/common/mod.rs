@@ -841,7 +841,14 @@ impl Demo {
         let dir = tempfile::tempdir().unwrap();
         let listen = format!("127.0.0.1:{}", free_port());
         let child = Command::new(bin())
-            .args(["demo", "--listen", &listen, "--data"])
+            .args([
+                "demo",
+                "--listen",
+                &listen,
+                "--admin",
+                "127.0.0.1:0",
+                "--data",
+            ])
             .arg(dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
