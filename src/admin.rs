@@ -45,7 +45,11 @@ impl ServeHttp for AdminApp {
             }
             "/healthz" | "/livez" => reply(200, "text/plain", b"ok\n".to_vec()),
             "/readyz" if verbose => {
-                let (ok, store) = self.store_check().await;
+                let (ok, store) = match self.ping().await {
+                    None => (true, "none configured".to_string()),
+                    Some((kind, Ok(()))) => (true, format!("{kind} answers")),
+                    Some((kind, Err(e))) => (false, format!("{kind}: {e}")),
+                };
                 let config = if self.shared.metrics.reload_ok.get() == 1 {
                     "[+] config: the last load succeeded"
                 } else {
@@ -58,30 +62,17 @@ impl ServeHttp for AdminApp {
                 );
                 reply(if ok { 200 } else { 503 }, "text/plain", body.into_bytes())
             }
-            "/readyz" => {
-                let Some(store) = &self.shared.store else {
-                    return reply(200, "text/plain", b"ready (no store)\n".to_vec());
-                };
-                let timeout = self
-                    .shared
-                    .state
-                    .load()
-                    .config
-                    .store
-                    .timeout
-                    .max(Duration::from_millis(100));
-                match tokio::time::timeout(timeout, store.ping()).await {
-                    Ok(Ok(())) => reply(
-                        200,
-                        "text/plain",
-                        format!("ready ({} store)\n", store.kind()).into_bytes(),
-                    ),
-                    Ok(Err(e)) => {
-                        reply(503, "text/plain", format!("not ready: {e}\n").into_bytes())
-                    }
-                    Err(_) => reply(503, "text/plain", b"not ready: store timed out\n".to_vec()),
+            "/readyz" => match self.ping().await {
+                None => reply(200, "text/plain", b"ready (no store)\n".to_vec()),
+                Some((kind, Ok(()))) => reply(
+                    200,
+                    "text/plain",
+                    format!("ready ({kind} store)\n").into_bytes(),
+                ),
+                Some((_, Err(e))) => {
+                    reply(503, "text/plain", format!("not ready: {e}\n").into_bytes())
                 }
-            }
+            },
             _ => reply(
                 404,
                 "text/plain",
@@ -92,11 +83,10 @@ impl ServeHttp for AdminApp {
 }
 
 impl AdminApp {
-    /// Does the store answer? (and what to say about it)
-    async fn store_check(&self) -> (bool, String) {
-        let Some(store) = &self.shared.store else {
-            return (true, "none configured".into());
-        };
+    /// Ping the store within its timeout: `None` without a store, else its
+    /// kind and whether it answered.
+    async fn ping(&self) -> Option<(&'static str, Result<(), String>)> {
+        let store = self.shared.store.as_ref()?;
         let timeout = self
             .shared
             .state
@@ -105,10 +95,11 @@ impl AdminApp {
             .store
             .timeout
             .max(Duration::from_millis(100));
-        match tokio::time::timeout(timeout, store.ping()).await {
-            Ok(Ok(())) => (true, format!("{} answers", store.kind())),
-            Ok(Err(e)) => (false, format!("{} fails: {e}", store.kind())),
-            Err(_) => (false, format!("{} timed out", store.kind())),
-        }
+        let result = match tokio::time::timeout(timeout, store.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("store timed out".to_string()),
+        };
+        Some((store.kind(), result))
     }
 }

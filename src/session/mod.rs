@@ -124,3 +124,26 @@ impl From<crate::store::Refusal> for crate::model::DirectiveError {
         }
     }
 }
+
+/// Settings for the session core's unit tests: a store, undeclared keys
+/// server-side, a one-hour lifetime.
+#[cfg(test)]
+fn test_settings(
+    declared: std::collections::HashMap<String, crate::model::Policy>,
+    idle_timeout: Option<u64>,
+) -> Settings {
+    use crate::model::{KeyPolicies, Limits, Policy};
+    Settings {
+        policies: KeyPolicies {
+            declared,
+            undeclared: Some(Policy::SERVER),
+            fallback: Policy::SERVER,
+        },
+        limits: Limits::default(),
+        lifetime: 3_600_000,
+        idle_timeout,
+        touch_interval: 1000,
+        has_store: true,
+        dev_insecure: false,
+    }
+}

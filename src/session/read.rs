@@ -357,23 +357,11 @@ pub fn encode_header_value(v: &str) -> String {
 mod tests {
     use super::*;
     use crate::cookie::{SameSite, SecureMode};
-    use crate::model::{Flags, KeyPolicies, Limits, Policy, SessionId};
+    use crate::model::{Flags, SessionId};
     use std::collections::BTreeMap;
 
     fn settings() -> Settings {
-        Settings {
-            policies: KeyPolicies {
-                declared: Default::default(),
-                undeclared: Some(Policy::SERVER),
-                fallback: Policy::SERVER,
-            },
-            limits: Limits::default(),
-            lifetime: 3_600_000,
-            idle_timeout: None,
-            touch_interval: 1000,
-            has_store: true,
-            dev_insecure: false,
-        }
+        super::super::test_settings(Default::default(), None)
     }
 
     /// A session whose plain cookie says the store holds data.

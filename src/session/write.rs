@@ -781,7 +781,6 @@ fn check_policy(
 mod tests {
     use super::*;
     use crate::cookie::{SameSite, SecureMode};
-    use crate::model::{KeyPolicies, Limits};
     use crate::session::RequestInfo;
     use std::collections::HashMap;
 
@@ -803,19 +802,7 @@ mod tests {
                 secure: false,
             },
         );
-        Settings {
-            policies: KeyPolicies {
-                declared,
-                undeclared: Some(Policy::SERVER),
-                fallback: Policy::SERVER,
-            },
-            limits: Limits::default(),
-            lifetime: 3_600_000,
-            idle_timeout: idle,
-            touch_interval: 1000,
-            has_store: true,
-            dev_insecure: false,
-        }
+        super::super::test_settings(declared, idle)
     }
 
     struct Env {
