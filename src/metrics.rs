@@ -13,6 +13,8 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     pub sessions: IntCounterVec,
     pub cookies_rejected: IntCounterVec,
+    /// `session.revocation` checks, by result (live, ended, error).
+    pub revocation_checks: IntCounterVec,
     pub directives: IntCounterVec,
     pub directive_errors: IntCounterVec,
     pub store_ops: IntCounterVec,
@@ -88,6 +90,11 @@ impl Metrics {
                 "gimlet_cookies_rejected_total",
                 "Request cookies treated as no session, by reason.",
                 &["reason"],
+            ),
+            revocation_checks: counter(
+                "gimlet_revocation_checks_total",
+                "session.revocation checks of request sessions, by result.",
+                &["result"],
             ),
             directives: counter(
                 "gimlet_directives_total",
@@ -180,6 +187,9 @@ impl Metrics {
         }
         for r in crate::model::Rejection::ALL {
             m.cookies_rejected.with_label_values(&[r.label()]);
+        }
+        for r in ["live", "ended", "error"] {
+            m.revocation_checks.with_label_values(&[r]);
         }
         for k in crate::model::DirectiveErrorKind::ALL {
             m.directive_errors.with_label_values(&[k.label()]);

@@ -380,6 +380,9 @@ pub struct Settings {
     pub has_store: bool,
     /// `session.dev_insecure`: every request counts as HTTPS.
     pub dev_insecure: bool,
+    /// `session.revocation`: ended ids are remembered in the store and every
+    /// request with a session checks them.
+    pub revocation: bool,
 }
 
 /// `home` first, then the others in a fixed order.
@@ -472,11 +475,14 @@ pub enum DirectiveErrorKind {
     StoreUnavailable,
     NotInteger,
     Overflow,
+    /// `session.revocation`: the session ended (Destroy, Regenerate or
+    /// revocation elsewhere) while this request was in flight.
+    SessionEnded,
 }
 
 impl DirectiveErrorKind {
     /// Every kind, so metrics can create their label sets up front.
-    pub const ALL: [DirectiveErrorKind; 15] = [
+    pub const ALL: [DirectiveErrorKind; 16] = [
         DirectiveErrorKind::Malformed,
         DirectiveErrorKind::UnknownHeader,
         DirectiveErrorKind::BadKey,
@@ -492,6 +498,7 @@ impl DirectiveErrorKind {
         DirectiveErrorKind::StoreUnavailable,
         DirectiveErrorKind::NotInteger,
         DirectiveErrorKind::Overflow,
+        DirectiveErrorKind::SessionEnded,
     ];
 
     pub fn label(self) -> &'static str {
@@ -511,6 +518,7 @@ impl DirectiveErrorKind {
             DirectiveErrorKind::StoreUnavailable => "store_unavailable",
             DirectiveErrorKind::NotInteger => "not_integer",
             DirectiveErrorKind::Overflow => "overflow",
+            DirectiveErrorKind::SessionEnded => "session_ended",
         }
     }
 }

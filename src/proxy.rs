@@ -250,7 +250,7 @@ impl Gateway {
     /// `on_error: fail`.
     async fn load(&self, ctx: &mut Ctx, route: &Route) -> std::result::Result<(), StoreError> {
         let cfg = &ctx.state.config;
-        let (Some(store), Some((key, plan))) = (
+        let (Some(store), Some(asked)) = (
             &self.shared.store,
             ctx.session
                 .load_request(&cfg.session.settings, &route.cfg.read, &route.cfg.require),
@@ -259,13 +259,29 @@ impl Gateway {
         };
         ctx.store_round_trips += 1;
         let read = self
-            .timed("read", cfg.store.timeout, store.load(&key, plan))
+            .timed(
+                "read",
+                cfg.store.timeout,
+                store.load(&asked.key, asked.mask, asked.check_ended),
+            )
             .await;
         if let Err(e) = &read {
             tracing::warn!(route = %route.cfg.name, error = %e, "session store read failed");
         }
+        if asked.check_ended {
+            let result = match &read {
+                Ok(r) if r.ended => "ended",
+                Ok(_) => "live",
+                Err(_) => "error",
+            };
+            self.shared
+                .metrics
+                .revocation_checks
+                .with_label_values(&[result])
+                .inc();
+        }
         let on_error = cfg.store.on_error;
-        ctx.session.absorb(read, on_error)
+        ctx.session.absorb(read, &asked, on_error)
     }
 
     fn count_refusal(&self, route: &Route, r: &Refused, limit: usize) {

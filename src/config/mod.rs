@@ -94,7 +94,6 @@ pub struct SessionConfig {
     pub encrypt: bool,
     pub cookie: CookieSpec,
     pub settings: Settings,
-    pub revocation: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -248,7 +248,7 @@ pub(super) fn build_session(
             touch_interval: ms(touch),
             has_store,
             dev_insecure: raw.dev_insecure,
+            revocation: raw.revocation,
         },
-        revocation: raw.revocation,
     }
 }

@@ -10,7 +10,7 @@
 mod read;
 mod write;
 
-pub use read::{Forward, RequestInfo};
+pub use read::{Forward, RequestInfo, StoreRead};
 pub use write::{CookieChange, Outcome, WriteContext};
 
 use crate::model::{channel_order, Channel, Flags, Meta, Payload, Rejection, Settings};
@@ -36,6 +36,16 @@ pub struct Session {
     pub rejections: Vec<Rejection>,
     /// The session expired (absolute or idle) on this request.
     pub expired: bool,
+    /// `session.revocation`: the session that went idle on this request
+    /// (its absolute lifetime not over): its id is remembered as ended, so a
+    /// copy of the cookie touched elsewhere cannot keep it alive.
+    pub idle_ended: Option<Meta>,
+    /// The revocation check said the cookie's session has ended.
+    pub revoked: bool,
+    /// The revocation check failed under `on_error: degrade`: no session is
+    /// forwarded, and no directive can be applied (nobody knows whether the
+    /// session is live).
+    pub unchecked: bool,
 }
 
 impl Session {
@@ -121,6 +131,10 @@ impl From<crate::store::Refusal> for crate::model::DirectiveError {
                     "the session would hold {bytes} bytes, more than limits.session_bytes ({max})"
                 ),
             ),
+            Refusal::Ended => DirectiveError::new(
+                DirectiveErrorKind::SessionEnded,
+                "the session ended (logged out or regenerated) while this request was in flight",
+            ),
         }
     }
 }
@@ -145,5 +159,6 @@ fn test_settings(
         touch_interval: 1000,
         has_store: true,
         dev_insecure: false,
+        revocation: false,
     }
 }

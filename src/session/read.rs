@@ -7,9 +7,18 @@ use crate::model::{
     Channel, ChannelSet, Flags, KeySet, LocalAnswer, Meta, OnError, OnMissing, Payload, Rejection,
     Settings, CHANNELS,
 };
-use crate::store::{Loaded, StoreError, StoreKey};
+use crate::store::{Read, StoreError, StoreKey};
 use percent_encoding::{AsciiSet, CONTROLS};
 use std::borrow::Cow;
+
+/// One request's store read: the session, the channels to read, and
+/// whether to ask if the id has ended (`session.revocation`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreRead {
+    pub key: StoreKey,
+    pub mask: ChannelSet,
+    pub check_ended: bool,
+}
 
 /// Cookies of one name looked at per request; more are ignored.
 const MAX_COOKIES_PER_NAME: usize = 4;
@@ -120,6 +129,9 @@ impl Session {
                 .idle_timeout
                 .is_some_and(|idle| req.now >= m.touched.saturating_add(idle));
             if req.now >= m.expires || idle_over {
+                if settings.revocation && req.now < m.expires {
+                    s.idle_ended = Some(m);
+                }
                 for ch in CHANNELS {
                     if s.cookies[ch.index()].take().is_some() {
                         s.clear[ch.index()] = true;
@@ -166,39 +178,66 @@ impl Session {
         set
     }
 
-    /// The store read this request needs (the session's key and the
-    /// channels to read), or `None`: SPEC section 6's "at most one round
-    /// trip to read, none when nothing to read".
+    /// The store read this request needs, or `None`: SPEC section 6's "at
+    /// most one round trip to read, none when nothing to read" — except that
+    /// with `session.revocation` every session is checked (in the same
+    /// round trip as its read).
     pub fn load_request(
         &self,
         settings: &Settings,
         read: &KeySet,
         require: &[String],
-    ) -> Option<(StoreKey, ChannelSet)> {
+    ) -> Option<StoreRead> {
         let meta = self.meta?;
-        let plan = self.load_plan(settings, read, require);
-        (!plan.is_empty()).then(|| (StoreKey::from(meta), plan))
+        let mask = self.load_plan(settings, read, require);
+        let check_ended = settings.revocation;
+        (!mask.is_empty() || check_ended).then(|| StoreRead {
+            key: StoreKey::from(meta),
+            mask,
+            check_ended,
+        })
     }
 
     /// Take in the store read's result. `Err` when it failed and
     /// `on_error: fail` says to answer 503; under `degrade` the session goes
-    /// on with its clientside keys only.
+    /// on with its clientside keys only — or, when the read was also the
+    /// revocation check, as no session at all. An ended session is no
+    /// session; its cookies are left alone (a parallel request's clearing
+    /// line could land after the new login's cookie and delete it).
     pub fn absorb(
         &mut self,
-        result: Result<Loaded, StoreError>,
+        result: Result<Read, StoreError>,
+        asked: &StoreRead,
         on_error: OnError,
     ) -> Result<(), StoreError> {
         match result {
-            Ok(loaded) => {
-                self.stored = loaded;
+            Ok(read) if read.ended => {
+                self.forget();
+                self.revoked = true;
+                Ok(())
+            }
+            Ok(read) => {
+                self.stored = read.channels;
                 Ok(())
             }
             Err(e) if on_error == OnError::Fail => Err(e),
             Err(_) => {
                 self.degraded = true;
+                if asked.check_ended {
+                    self.forget();
+                    self.unchecked = true;
+                }
                 Ok(())
             }
         }
+    }
+
+    /// Treat the request as carrying no session (without clearing cookies).
+    fn forget(&mut self) {
+        self.meta = None;
+        self.cookies = Default::default();
+        self.stored = Default::default();
+        self.reissue = false;
     }
 
     /// The `require:` gate: `None` when every required key is set (and
@@ -389,9 +428,10 @@ mod tests {
     fn load_request_reads_only_what_the_cookie_promises() {
         let st = settings();
         let s = session(Flags::STORE);
-        let (key, plan) = s.load_request(&st, &KeySet::All, &[]).unwrap();
-        assert_eq!((key.id, key.tag), (SessionId([7; 16]), 3));
-        assert!(plan.contains(Channel::Perm) && !plan.contains(Channel::Trans));
+        let r = s.load_request(&st, &KeySet::All, &[]).unwrap();
+        assert_eq!((r.key.id, r.key.tag), (SessionId([7; 16]), 3));
+        assert!(r.mask.contains(Channel::Perm) && !r.mask.contains(Channel::Trans));
+        assert!(!r.check_ended);
         assert!(s.load_request(&st, &KeySet::None, &[]).is_none());
         assert!(s
             .load_request(&st, &KeySet::None, &["user".to_string()])
@@ -402,21 +442,57 @@ mod tests {
         assert!(Session::default()
             .load_request(&st, &KeySet::All, &[])
             .is_none());
+        // Revocation: every session is checked, even one the cookie holds whole.
+        let st = Settings {
+            revocation: true,
+            ..settings()
+        };
+        let r = session(Flags::NONE)
+            .load_request(&st, &KeySet::None, &[])
+            .unwrap();
+        assert!(r.check_ended && r.mask.is_empty());
+        assert!(Session::default()
+            .load_request(&st, &KeySet::All, &[])
+            .is_none());
     }
 
     #[test]
-    fn absorb_follows_on_error() {
+    fn absorb_follows_on_error_and_the_revocation_check() {
+        let st = settings();
+        let asked = |check_ended| StoreRead {
+            key: StoreKey {
+                id: SessionId([7; 16]),
+                tag: 3,
+            },
+            mask: ChannelSet::ALL,
+            check_ended,
+        };
         let mut s = session(Flags::STORE);
-        let mut loaded: Loaded = Default::default();
-        loaded[0] = Some(BTreeMap::from([("user".to_string(), "ann".to_string())]));
-        s.absorb(Ok(loaded), OnError::Fail).unwrap();
-        assert_eq!(s.get("user", &settings()), Some("ann"));
-        let mut s = session(Flags::STORE);
-        assert!(s.absorb(Err(StoreError::Timeout), OnError::Fail).is_err());
-        assert!(!s.degraded);
-        s.absorb(Err(StoreError::Timeout), OnError::Degrade)
+        let mut read = Read::default();
+        read.channels[0] = Some(BTreeMap::from([("user".to_string(), "ann".to_string())]));
+        s.absorb(Ok(read.clone()), &asked(false), OnError::Fail)
             .unwrap();
-        assert!(s.degraded);
+        assert_eq!(s.get("user", &st), Some("ann"));
+        let mut s = session(Flags::STORE);
+        assert!(s
+            .absorb(Err(StoreError::Timeout), &asked(false), OnError::Fail)
+            .is_err());
+        assert!(!s.degraded);
+        s.absorb(Err(StoreError::Timeout), &asked(false), OnError::Degrade)
+            .unwrap();
+        assert!(s.degraded && s.meta.is_some() && !s.unchecked);
+        // A failed check under degrade: no session at all.
+        let mut s = session(Flags::STORE);
+        s.absorb(Err(StoreError::Timeout), &asked(true), OnError::Degrade)
+            .unwrap();
+        assert!(s.degraded && s.unchecked && s.meta.is_none());
+        assert!(s.cookies.iter().all(Option::is_none));
+        // Ended: no session, no data, nothing cleared.
+        let mut s = session(Flags::STORE);
+        read.ended = true;
+        s.absorb(Ok(read), &asked(true), OnError::Fail).unwrap();
+        assert!(s.revoked && s.meta.is_none() && s.get("user", &st).is_none());
+        assert!(!s.clear.iter().any(|c| *c));
     }
 
     #[test]

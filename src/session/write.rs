@@ -114,6 +114,9 @@ struct Work {
     destroy: Option<StoreKey>,
     /// Regenerate: move the data from this id.
     rename_from: Option<SessionId>,
+    /// `session.revocation`: ids to remember as ended, until their expiry.
+    end: Vec<(SessionId, u64)>,
+    revocation: bool,
     out: Outcome,
 }
 
@@ -133,8 +136,17 @@ impl Work {
             meta: session.meta,
             destroy: None,
             rename_from: None,
+            end: Vec::new(),
+            revocation: settings.revocation,
             out: Outcome::default(),
         };
+        // A session that went idle on this request: its data goes and its
+        // id is remembered as ended (a new session keeps its tag, so both
+        // are one store batch in one slot).
+        if let Some(m) = session.idle_ended.filter(|_| w.store_ok) {
+            w.destroy = Some(StoreKey::from(m));
+            w.end.push((m.id, m.expires));
+        }
         for ch in CHANNELS {
             if let Some(p) = &session.cookies[ch.index()] {
                 w.vals[ch] = p.values.clone();
@@ -154,6 +166,9 @@ impl Work {
         let Some(m) = self.meta.take() else { return };
         if self.store_ok {
             self.destroy = Some(StoreKey::from(m));
+            if self.revocation {
+                self.end.push((m.id, m.expires));
+            }
         }
         for ch in CHANNELS {
             if self.present[ch] {
@@ -173,6 +188,9 @@ impl Work {
         let Some(m) = &mut self.meta else { return };
         if self.store_ok {
             self.rename_from = Some(m.id);
+            if self.revocation {
+                self.end.push((m.id, m.expires));
+            }
             // Store data of a channel whose cookie the browser no longer
             // holds (a closed browser's transient keys) is stale: it must not
             // follow the session to its new id. Over plain HTTP the secure
@@ -440,6 +458,11 @@ impl Session {
 
     fn validate(&self, d: &Directives, cx: &WriteContext) -> Result<(), DirectiveError> {
         let s = cx.settings;
+        if self.unchecked && !d.is_empty() {
+            return Err(err(DirectiveErrorKind::StoreUnavailable,
+                "the session store is unavailable, so session.revocation cannot tell whether this session is live".to_string(),
+            ));
+        }
         if (d.destroy || d.regenerate) && cx.write.is_none() {
             let which = if d.destroy { "Destroy" } else { "Regenerate" };
             return Err(err(
@@ -721,6 +744,7 @@ impl Session {
             || w.destroy.is_some()
             || store_touch
             || limits.is_some();
+        let check_ended = cx.settings.revocation;
         match w.meta {
             Some(m) if needed => {
                 let expire_at = match cx.settings.idle_timeout {
@@ -732,11 +756,14 @@ impl Session {
                 b.rename_from = w.rename_from;
                 b.channels = w.ops.0;
                 b.limits = limits;
+                b.end = w.end;
+                b.check_ended = check_ended;
                 Some(b)
             }
             _ => w.destroy.map(|old| {
                 let mut b = WriteBatch::new(old, 0);
                 b.destroy = Some(old);
+                b.end = w.end;
                 b
             }),
         }
@@ -864,6 +891,93 @@ mod tests {
                 .collect(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn revocation_remembers_every_ended_id_in_the_same_batch() {
+        let mut env = Env::new(Some(10_000));
+        env.settings.revocation = true;
+        let start = Session::default()
+            .apply(&d(&[("c", "1")]), &env.cx(1000))
+            .unwrap();
+        let meta = start.meta.unwrap();
+        let s = env.session(&start.set_cookies, 2000);
+        // Destroy of a cookie-only session: a batch that only ends it.
+        let o = s
+            .apply(
+                &Directives {
+                    destroy: true,
+                    ..Default::default()
+                },
+                &env.cx(2000),
+            )
+            .unwrap();
+        let b = o.batch.expect("the end is a store write");
+        assert!(b.destroy_only());
+        assert_eq!(b.end, vec![(meta.id, meta.expires)]);
+        // Regenerate: the old id ends with the session's absolute expiry,
+        // and the write refuses to continue a session ended meanwhile.
+        let o = s
+            .apply(
+                &Directives {
+                    regenerate: true,
+                    ..Default::default()
+                },
+                &env.cx(2000),
+            )
+            .unwrap();
+        let b = o.batch.unwrap();
+        assert_eq!(b.rename_from, Some(meta.id));
+        assert_eq!(b.end, vec![(meta.id, meta.expires)]);
+        assert!(b.check_ended && b.key.id != meta.id && b.key.tag == meta.tag);
+        // Destroy + Set: the new session keeps the tag, the old id ends.
+        let mut both = d(&[("c", "2")]);
+        both.destroy = true;
+        let b = s.apply(&both, &env.cx(2000)).unwrap().batch.unwrap();
+        assert_eq!(
+            (b.destroy.map(|k| k.id), b.key.tag),
+            (Some(meta.id), meta.tag)
+        );
+        assert_eq!(b.end, vec![(meta.id, meta.expires)]);
+        // Gone idle: the cookie is cleared and the id ended, even on a
+        // request that writes nothing.
+        let idle = env.session(&start.set_cookies, 20_000);
+        assert_eq!(idle.idle_ended.map(|m| m.id), Some(meta.id));
+        let o = idle.apply(&Directives::default(), &env.cx(20_000)).unwrap();
+        assert!(o.set_cookies[0].contains("Max-Age=0"));
+        let b = o.batch.unwrap();
+        assert!(b.destroy_only() && b.end == vec![(meta.id, meta.expires)]);
+        // Past the absolute lifetime there is nothing to remember.
+        let late = env.session(&start.set_cookies, meta.expires + 1);
+        assert!(late.expired && late.idle_ended.is_none());
+        // Without revocation nothing of this happens.
+        env.settings.revocation = false;
+        let s = env.session(&start.set_cookies, 2000);
+        let o = s
+            .apply(
+                &Directives {
+                    destroy: true,
+                    ..Default::default()
+                },
+                &env.cx(2000),
+            )
+            .unwrap();
+        assert!(o.batch.is_some_and(|b| b.end.is_empty() && !b.check_ended));
+        assert!(env.session(&start.set_cookies, 20_000).idle_ended.is_none());
+    }
+
+    #[test]
+    fn an_unchecked_session_takes_no_directive() {
+        let env = Env::new(None);
+        let s = Session {
+            unchecked: true,
+            degraded: true,
+            ..Default::default()
+        };
+        let e = s.apply(&d(&[("c", "1")]), &env.cx(1000)).unwrap_err();
+        assert_eq!(e.kind, DirectiveErrorKind::StoreUnavailable);
+        let o = s.apply(&Directives::default(), &env.cx(1000)).unwrap();
+        assert!(o.set_cookies.is_empty() && o.batch.is_none());
     }
 
     #[test]

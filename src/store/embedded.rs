@@ -1,10 +1,12 @@
 //! `store.kind: embedded` (the default): a redb file on local disk that
 //! survives restarts. One node.
 //!
-//! Layout (three tables):
+//! Layout (five tables):
 //! - `data`:    id(16) | channel(1) | key  ->  value
 //! - `session`: id(16)                     ->  expire_at (ms, u64)
 //! - `expiry`:  expire_at(8, BE) | id(16)  ->  ()       (sweep index)
+//! - `ended`:   id(16)                     ->  until (ms, u64)  (revocation)
+//! - `ended_expiry`: until(8, BE) | id(16) ->  ()       (sweep index)
 //!
 //! redb calls block, so they never run on the proxy's runtime: reads go to
 //! the blocking pool, and every write goes to one writer thread that commits
@@ -16,9 +18,12 @@
 //! a hot session's read never leaves the proxy's thread. It is coherent
 //! because there is one writer: after each commit the writer replaces the
 //! records it wrote and bumps a generation; a reader that missed only fills
-//! the cache if no commit touched that shard while it read the file.
+//! the cache if no commit touched that shard while it read the file. An
+//! ended id is never in the cache (the writer drops every id it ends), so a
+//! cache hit also answers the revocation check; a session without store data
+//! is cached as an empty record once checked.
 
-use super::{Loaded, Record, SessionStore, StoreError, StoreKey, WriteBatch};
+use super::{Read, Record, SessionStore, StoreError, StoreKey, WriteBatch};
 use crate::model::{ChannelSet, SessionId, CHANNELS};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::collections::HashMap;
@@ -31,9 +36,14 @@ use tokio::sync::oneshot;
 const DATA: TableDefinition<&[u8], &[u8]> = TableDefinition::new("data");
 const SESSION: TableDefinition<&[u8], u64> = TableDefinition::new("session");
 const EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("expiry");
+const ENDED: TableDefinition<&[u8], u64> = TableDefinition::new("ended");
+const ENDED_EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("ended_expiry");
 
 /// Batches committed in one transaction at most.
 const GROUP: usize = 256;
+/// How long a checked session without store data stays cached (its entry
+/// is replaced by any write to it, so this only bounds the memory it holds).
+const NEGATIVE_TTL_MS: u64 = 60_000;
 /// How often expired sessions are deleted.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
@@ -153,6 +163,8 @@ impl EmbeddedStore {
             txn.open_table(DATA)?;
             txn.open_table(SESSION)?;
             txn.open_table(EXPIRY)?;
+            txn.open_table(ENDED)?;
+            txn.open_table(ENDED_EXPIRY)?;
             txn.commit()?;
             Ok(())
         };
@@ -243,6 +255,14 @@ fn read_record(
     Ok((rec, expires))
 }
 
+fn is_ended(
+    ended: &impl ReadableTable<&'static [u8], u64>,
+    id: &SessionId,
+    now: u64,
+) -> Result<bool, redb::Error> {
+    Ok(ended.get(&id.0[..])?.is_some_and(|g| g.value() > now))
+}
+
 fn delete_session(
     data: &mut redb::Table<&'static [u8], &'static [u8]>,
     session: &mut redb::Table<&'static [u8], u64>,
@@ -274,7 +294,21 @@ fn apply(
     let mut session = txn.open_table(SESSION)?;
     let mut expiry = txn.open_table(EXPIRY)?;
 
-    let src = b.rename_from.unwrap_or(b.key.id);
+    let src = b.source();
+    if b.check_ended && !b.destroy_only() && is_ended(&txn.open_table(ENDED)?, &src, now)? {
+        return Ok(Err(StoreError::Rejected(super::Refusal::Ended)));
+    }
+    if !b.end.is_empty() {
+        let mut ended = txn.open_table(ENDED)?;
+        let mut index = txn.open_table(ENDED_EXPIRY)?;
+        for (id, until) in &b.end {
+            if let Some(old) = ended.insert(&id.0[..], *until)?.map(|g| g.value()) {
+                index.remove(&expiry_key(old, id)[..])?;
+            }
+            index.insert(&expiry_key(*until, id)[..], ())?;
+            updates.push((*id, None));
+        }
+    }
     let before = if b.destroy.is_some_and(|d| d.id == src) {
         Record::default()
     } else {
@@ -350,6 +384,20 @@ fn sweep(txn: &redb::WriteTransaction, now: u64) -> Result<usize, redb::Error> {
     for id in &ids {
         delete_session(&mut data, &mut session, &mut expiry, id)?;
     }
+    // Ended marks past their session's expiry: the cookie is dead anyway.
+    let mut ended = txn.open_table(ENDED)?;
+    let mut index = txn.open_table(ENDED_EXPIRY)?;
+    let mut gone = Vec::new();
+    for item in index.range::<&[u8]>(..&hi[..])? {
+        gone.push(item?.0.value().to_vec());
+        if gone.len() >= 10_000 {
+            break;
+        }
+    }
+    for k in &gone {
+        index.remove(&k[..])?;
+        ended.remove(&k[8..])?;
+    }
     Ok(ids.len())
 }
 
@@ -423,30 +471,50 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Msg>, cache: Arc<Cache>) {
 }
 
 impl SessionStore for EmbeddedStore {
-    async fn load(&self, key: &StoreKey, mask: ChannelSet) -> Result<Loaded, StoreError> {
+    async fn load(
+        &self,
+        key: &StoreKey,
+        mask: ChannelSet,
+        check_ended: bool,
+    ) -> Result<Read, StoreError> {
         let now = crate::model::now_ms();
         let generation = match self.cache.get(&key.id, now) {
-            Ok(rec) => return Ok(rec.loaded(mask)),
+            Ok(rec) => {
+                return Ok(Read {
+                    channels: rec.loaded(mask),
+                    ended: false,
+                })
+            }
             Err(generation) => generation,
         };
         let db = self.db.clone();
         let id = key.id;
         // redb blocks: read on the blocking pool, never on the proxy thread.
-        let (rec, expires) =
-            tokio::task::spawn_blocking(move || -> Result<(Record, u64), redb::Error> {
+        let (rec, expires, ended) =
+            tokio::task::spawn_blocking(move || -> Result<(Record, u64, bool), redb::Error> {
                 let txn = db.begin_read()?;
                 let data = txn.open_table(DATA)?;
                 let session = txn.open_table(SESSION)?;
-                read_record(&data, &session, &id, ChannelSet::ALL, now)
+                let ended = is_ended(&txn.open_table(ENDED)?, &id, now)?;
+                let (rec, expires) = read_record(&data, &session, &id, ChannelSet::ALL, now)?;
+                Ok((rec, expires, ended))
             })
             .await
             .map_err(|e| StoreError::Unavailable(format!("embedded store: {e}")))?
             .map_err(unavailable)?;
-        let loaded = rec.loaded(mask);
-        if expires > now {
+        let channels = rec.loaded(mask);
+        if !ended && expires > now {
             self.cache.fill(id, Arc::new(rec), expires, generation);
+        } else if !ended && check_ended {
+            // Checked and live without store data (a cookie-only session):
+            // remember it, so its next request does not read the file.
+            let for_a_while = now.saturating_add(NEGATIVE_TTL_MS);
+            self.cache.fill(id, Arc::new(rec), for_a_while, generation);
         }
-        Ok(loaded)
+        Ok(Read {
+            channels,
+            ended: check_ended && ended,
+        })
     }
 
     async fn write(&self, batch: &WriteBatch) -> Result<(), StoreError> {
@@ -496,7 +564,7 @@ mod tests {
     }
 
     async fn get(s: &EmbeddedStore, k: StoreKey) -> BTreeMapOf {
-        s.load(&k, ChannelSet::ALL).await.unwrap()[0]
+        s.load(&k, ChannelSet::ALL, false).await.unwrap().channels[0]
             .clone()
             .unwrap()
     }

@@ -1,16 +1,30 @@
 //! `store.kind: memory`: sessions in a process-local map (tests, demos).
 //! Lost on restart; expired records are dropped on access and by a sweep.
 
-use super::{Loaded, Record, SessionStore, StoreError, StoreKey, WriteBatch};
+use super::{Read, Record, Refusal, SessionStore, StoreError, StoreKey, WriteBatch};
 use crate::model::{ChannelSet, SessionId};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 #[derive(Default)]
+struct Maps {
+    /// Live records with their expiry (ms).
+    records: HashMap<SessionId, (Record, u64)>,
+    /// Ended ids (`session.revocation`) until their absolute expiry (ms).
+    ended: HashMap<SessionId, u64>,
+}
+
+impl Maps {
+    fn is_ended(&self, id: &SessionId, now: u64) -> bool {
+        self.ended.get(id).is_some_and(|until| *until > now)
+    }
+}
+
+#[derive(Default)]
 pub struct MemoryStore {
     // A std mutex is right here: it is never held across an await, and every
     // critical section is a few map operations.
-    map: Mutex<HashMap<SessionId, (Record, u64)>>,
+    maps: Mutex<Maps>,
 }
 
 impl MemoryStore {
@@ -18,16 +32,17 @@ impl MemoryStore {
         MemoryStore::default()
     }
 
-    /// Drop expired records; returns how many.
+    /// Drop expired records and ended marks; returns how many records.
     pub fn sweep(&self, now: u64) -> usize {
-        let mut map = self.map.lock().unwrap();
-        let before = map.len();
-        map.retain(|_, (_, exp)| *exp > now);
-        before - map.len()
+        let mut m = self.maps.lock().unwrap();
+        let before = m.records.len();
+        m.records.retain(|_, (_, exp)| *exp > now);
+        m.ended.retain(|_, until| *until > now);
+        before - m.records.len()
     }
 
     pub fn len(&self) -> usize {
-        self.map.lock().unwrap().len()
+        self.maps.lock().unwrap().records.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -36,19 +51,32 @@ impl MemoryStore {
 }
 
 impl SessionStore for MemoryStore {
-    async fn load(&self, key: &StoreKey, mask: ChannelSet) -> Result<Loaded, StoreError> {
+    async fn load(
+        &self,
+        key: &StoreKey,
+        mask: ChannelSet,
+        check_ended: bool,
+    ) -> Result<Read, StoreError> {
         let now = crate::model::now_ms();
-        let map = self.map.lock().unwrap();
-        let rec = match map.get(&key.id) {
+        let m = self.maps.lock().unwrap();
+        let channels = match m.records.get(&key.id) {
             Some((r, exp)) if *exp > now => r.loaded(mask),
             _ => Record::default().loaded(mask),
         };
-        Ok(rec)
+        Ok(Read {
+            channels,
+            ended: check_ended && m.is_ended(&key.id, now),
+        })
     }
 
     async fn write(&self, b: &WriteBatch) -> Result<(), StoreError> {
         let now = crate::model::now_ms();
-        let mut map = self.map.lock().unwrap();
+        let mut guard = self.maps.lock().unwrap();
+        let m = &mut *guard;
+        if b.check_ended && !b.destroy_only() && m.is_ended(&b.source(), now) {
+            return Err(StoreError::Rejected(Refusal::Ended));
+        }
+        let map = &mut m.records;
         let live = |e: Option<(Record, u64)>| e.filter(|(_, exp)| *exp > now).map(|(r, _)| r);
         // Work on copies; commit only when the whole batch applies.
         let mut removed = Vec::new();
@@ -63,21 +91,23 @@ impl SessionStore for MemoryStore {
             }
             None => live(map.get(&b.key.id).cloned()).unwrap_or_default(),
         };
-        if b.destroy_only() {
-            return Ok(());
-        }
-        if let Err(e) = rec.apply_batch(b) {
-            for (id, r) in removed.into_iter().rev() {
-                if let Some(r) = r {
-                    map.insert(id, r);
+        if !b.destroy_only() {
+            if let Err(e) = rec.apply_batch(b) {
+                for (id, r) in removed.into_iter().rev() {
+                    if let Some(r) = r {
+                        map.insert(id, r);
+                    }
                 }
+                return Err(StoreError::Rejected(e));
             }
-            return Err(StoreError::Rejected(e));
+            if rec.is_empty() {
+                map.remove(&b.key.id);
+            } else {
+                map.insert(b.key.id, (rec, b.expire_at));
+            }
         }
-        if rec.is_empty() {
-            map.remove(&b.key.id);
-        } else {
-            map.insert(b.key.id, (rec, b.expire_at));
+        for (id, until) in &b.end {
+            m.ended.insert(*id, *until);
         }
         Ok(())
     }

@@ -37,6 +37,15 @@ impl From<crate::model::Meta> for StoreKey {
 /// Server-side values per channel; `None` for channels not read.
 pub type Loaded = [Option<BTreeMap<String, String>>; 4];
 
+/// What one read round trip returned.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Read {
+    pub channels: Loaded,
+    /// The id is remembered as ended (`session.revocation`; only asked when
+    /// the read says so, `false` otherwise).
+    pub ended: bool,
+}
+
 /// Field operations on one channel's data, applied in this order: clear,
 /// delete, set, incr.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -85,6 +94,14 @@ pub struct WriteBatch {
     pub expire_at: u64,
     /// Check the session limits after applying.
     pub limits: Option<LimitCheck>,
+    /// `session.revocation`: ids (of `key.tag`) to remember as ended, each
+    /// until its session's absolute expiry (ms): a Destroy's or
+    /// Regenerate's old id, or an idle-expired one.
+    pub end: Vec<(SessionId, u64)>,
+    /// `session.revocation`: refuse the batch ([`Refusal::Ended`]) when the
+    /// session it continues ([`WriteBatch::source`]) has ended meanwhile, so
+    /// a request that raced a logout cannot bring the session back.
+    pub check_ended: bool,
 }
 
 impl WriteBatch {
@@ -96,7 +113,15 @@ impl WriteBatch {
             channels: Default::default(),
             expire_at,
             limits: None,
+            end: Vec::new(),
+            check_ended: false,
         }
+    }
+
+    /// The id whose data this batch continues: the Regenerate source, else
+    /// `key` (a new session's random id is never ended).
+    pub fn source(&self) -> SessionId {
+        self.rename_from.unwrap_or(self.key.id)
     }
 
     /// Does the batch only destroy (nothing written under `key`)?
@@ -109,10 +134,22 @@ impl WriteBatch {
 /// session core turns it into the directive error the client sees.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
-    NotInteger { key: String },
-    Overflow { key: String },
-    TooManyKeys { keys: usize, max: usize },
-    SessionTooLarge { bytes: usize, max: usize },
+    NotInteger {
+        key: String,
+    },
+    Overflow {
+        key: String,
+    },
+    TooManyKeys {
+        keys: usize,
+        max: usize,
+    },
+    SessionTooLarge {
+        bytes: usize,
+        max: usize,
+    },
+    /// [`WriteBatch::check_ended`]: the session ended meanwhile.
+    Ended,
 }
 
 impl Refusal {
@@ -122,6 +159,7 @@ impl Refusal {
             Refusal::Overflow { .. } => "overflow",
             Refusal::TooManyKeys { .. } => "too_many_keys",
             Refusal::SessionTooLarge { .. } => "session_too_large",
+            Refusal::Ended => "session_ended",
         }
     }
 }
@@ -132,7 +170,7 @@ impl std::fmt::Display for Refusal {
     }
 }
 
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// The batch was refused as a whole (Incr on a non-integer, limits).
     #[error("{0}")]
@@ -159,12 +197,13 @@ impl StoreError {
 /// the proxy awaits them without boxing.
 pub trait SessionStore: Send + Sync {
     /// Read the channels in `mask` ([`crate::model::Channel::bit`]) in one
-    /// round trip.
+    /// round trip, and with `check_ended` whether the id has ended.
     fn load(
         &self,
         key: &StoreKey,
         mask: ChannelSet,
-    ) -> impl Future<Output = Result<Loaded, StoreError>> + Send;
+        check_ended: bool,
+    ) -> impl Future<Output = Result<Read, StoreError>> + Send;
     /// Apply a batch atomically in one round trip.
     fn write(&self, batch: &WriteBatch) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Is the store reachable? (`/readyz`, `gimlet check --connect`)
@@ -187,11 +226,16 @@ impl Store {
         }
     }
 
-    pub async fn load(&self, key: &StoreKey, mask: ChannelSet) -> Result<Loaded, StoreError> {
+    pub async fn load(
+        &self,
+        key: &StoreKey,
+        mask: ChannelSet,
+        check_ended: bool,
+    ) -> Result<Read, StoreError> {
         match self {
-            Store::Memory(s) => s.load(key, mask).await,
-            Store::Embedded(s) => s.load(key, mask).await,
-            Store::Redis(s) => s.load(key, mask).await,
+            Store::Memory(s) => s.load(key, mask, check_ended).await,
+            Store::Embedded(s) => s.load(key, mask, check_ended).await,
+            Store::Redis(s) => s.load(key, mask, check_ended).await,
         }
     }
 
@@ -303,6 +347,85 @@ impl Record {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `session.revocation` semantics every in-process backend shares (Redis
+    /// runs the same table in `tests/redis.rs`).
+    async fn ended_marks(store: &Store) {
+        let now = crate::model::now_ms();
+        let key = |b: u8| StoreKey {
+            id: SessionId([b; 16]),
+            tag: 9,
+        };
+        let set = |k: StoreKey| {
+            let mut b = WriteBatch::new(k, now + 60_000);
+            b.channels[0].set = vec![("a".into(), "1".into())];
+            b.check_ended = true;
+            b
+        };
+        let ended =
+            |k: StoreKey| async move { store.load(&k, ChannelSet::ALL, true).await.unwrap().ended };
+        // Destroy remembers the id; a read that does not ask says nothing.
+        store.write(&set(key(1))).await.unwrap();
+        assert!(!ended(key(1)).await);
+        let mut d = WriteBatch::new(key(1), 0);
+        d.destroy = Some(key(1));
+        d.end = vec![(key(1).id, now + 60_000)];
+        store.write(&d).await.unwrap();
+        assert!(ended(key(1)).await);
+        assert!(
+            !store
+                .load(&key(1), ChannelSet::ALL, false)
+                .await
+                .unwrap()
+                .ended
+        );
+        // A write continuing an ended session is refused, and writes nothing.
+        assert_eq!(
+            store.write(&set(key(1))).await,
+            Err(StoreError::Rejected(Refusal::Ended))
+        );
+        let r = store.load(&key(1), ChannelSet::ALL, true).await.unwrap();
+        assert!(r.channels[0].as_ref().unwrap().is_empty());
+        // Regenerate: the old id ends, the new one lives with the data.
+        store.write(&set(key(2))).await.unwrap();
+        let mut g = set(key(3));
+        g.channels[0].set.clear();
+        g.rename_from = Some(key(2).id);
+        g.end = vec![(key(2).id, now + 60_000)];
+        store.write(&g).await.unwrap();
+        assert!(ended(key(2)).await && !ended(key(3)).await);
+        let r = store.load(&key(3), ChannelSet::ALL, true).await.unwrap();
+        assert_eq!(r.channels[0].as_ref().unwrap()["a"], "1");
+        // Regenerating an ended session is refused too.
+        let mut again = set(key(4));
+        again.rename_from = Some(key(2).id);
+        assert_eq!(
+            store.write(&again).await,
+            Err(StoreError::Rejected(Refusal::Ended))
+        );
+        // A cookie-only session (no data) ends the same way, and a mark
+        // past its session's expiry is forgotten.
+        assert!(!ended(key(5)).await);
+        let mut d = WriteBatch::new(key(5), 0);
+        d.destroy = Some(key(5));
+        d.end = vec![
+            (key(5).id, now + 60_000),
+            (key(6).id, now.saturating_sub(1)),
+        ];
+        store.write(&d).await.unwrap();
+        assert!(ended(key(5)).await && !ended(key(6)).await);
+    }
+
+    #[tokio::test]
+    async fn ended_marks_on_memory_and_embedded() {
+        ended_marks(&Store::Memory(memory::MemoryStore::new())).await;
+        let dir = tempfile::tempdir().unwrap();
+        for cache in [0, 16] {
+            let path = dir.path().join(format!("e{cache}.redb"));
+            let e = embedded::EmbeddedStore::open(&path, cache).unwrap();
+            ended_marks(&Store::Embedded(e)).await;
+        }
+    }
 
     #[test]
     fn record_apply_order_and_errors() {

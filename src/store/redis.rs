@@ -5,6 +5,9 @@
 //! `{tag}` is a random 32-bit hash tag chosen when the session is created and
 //! kept across Regenerate, so every key a request touches — the old id's and
 //! the new id's — lives in one Cluster slot, and one script can move them.
+//! With `session.revocation`, an ended id is a string key
+//! `<prefix>{<tag>}:<id>:x` expiring with the session's absolute expiry; a
+//! read checks it with `EXISTS` in the same pipeline.
 //!
 //! I/O budget: a read is one round trip (pipelined `HGETALL`, one per channel
 //! the request needs). A write is one `EVALSHA` of [`WRITE_SCRIPT`]: it checks
@@ -16,7 +19,7 @@
 //! Connections are made lazily inside the proxy's runtime, reconnect on
 //! their own, and every call is bounded by `store.timeout` by the caller.
 
-use super::{Loaded, Refusal, SessionStore, StoreError, StoreKey, WriteBatch};
+use super::{Read, Refusal, SessionStore, StoreError, StoreKey, WriteBatch};
 use crate::model::{ChannelSet, SessionId, CHANNELS};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
@@ -39,12 +42,19 @@ pub struct RedisOptions {
 /// [`script_args`].
 pub const WRITE_SCRIPT: &str = r#"
 -- KEYS[1..4]: the session's channel hashes; KEYS[5..8]: the old id's
--- (Regenerate source or Destroy target); KEYS[9]: scratch for exact Incr.
--- ARGV[1]: flags ("d" destroy old, "r" move old to new); ARGV[2]: PEXPIREAT ms;
+-- (Regenerate source or Destroy target); KEYS[9]: scratch for exact Incr;
+-- KEYS[10]: the ended mark of the id the write continues; KEYS[11..]: ended
+-- marks to set.
+-- ARGV[1]: flags ("d" destroy old, "r" move old to new, "e" refuse when
+-- KEYS[10] exists); ARGV[2]: PEXPIREAT ms;
 -- ARGV[3..6]: max_keys, max_bytes, client_keys, client_bytes (max_keys -1: no check);
--- ARGV[7..]: per channel: clear, n, deletes..., n, (key value)..., n, (key delta)...
+-- ARGV[7..]: per channel: clear, n, deletes..., n, (key value)..., n, (key delta)...;
+-- then n, and the PXAT ms of each ended mark.
 local destroy = string.find(ARGV[1], "d", 1, true) ~= nil
 local rename = string.find(ARGV[1], "r", 1, true) ~= nil
+if string.find(ARGV[1], "e", 1, true) ~= nil and redis.call("EXISTS", KEYS[10]) == 1 then
+  return { "ended" }
+end
 local at = ARGV[2]
 local max_keys = tonumber(ARGV[3])
 local max_bytes = tonumber(ARGV[4])
@@ -61,6 +71,9 @@ for c = 1, 4 do
   for i = 1, n do op.incr[i] = { ARGV[pos], ARGV[pos + 1] }; pos = pos + 2 end
   ops[c] = op
 end
+local ends = {}
+local n_end = tonumber(ARGV[pos]); pos = pos + 1
+for i = 1, n_end do ends[i] = ARGV[pos]; pos = pos + 1 end
 local function src(c)
   if rename then return KEYS[4 + c] end
   return KEYS[c]
@@ -141,8 +154,12 @@ for c = 1, 4 do
   if #args > 0 then redis.call("HSET", k, unpack(args)) end
   redis.call("PEXPIREAT", k, at)
 end
+for i = 1, #ends do redis.call("SET", KEYS[10 + i], "1", "PXAT", ends[i]) end
 return { "ok" }
 "#;
+
+/// The suffix of an ended id's mark.
+const ENDED_SUFFIX: &str = "x";
 
 static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(WRITE_SCRIPT));
 
@@ -214,6 +231,10 @@ impl RedisStore {
         CHANNELS.map(|ch| self.key(tag, id, ch.store_suffix()))
     }
 
+    fn ended_key(&self, tag: u32, id: &SessionId) -> String {
+        self.key(tag, id, ENDED_SUFFIX)
+    }
+
     /// Every key name a session uses (tests and tools).
     pub fn keys_of(&self, key: &StoreKey) -> [String; 4] {
         self.channel_keys(key.tag, &key.id)
@@ -247,6 +268,9 @@ fn script_args(b: &WriteBatch) -> Vec<String> {
     if b.rename_from.is_some() {
         flags.push('r');
     }
+    if b.check_ended {
+        flags.push('e');
+    }
     let mut a = vec![flags, b.expire_at.to_string()];
     match &b.limits {
         Some(l) => a.extend([
@@ -272,13 +296,27 @@ fn script_args(b: &WriteBatch) -> Vec<String> {
             a.push(n.to_string());
         }
     }
+    a.push(b.end.len().to_string());
+    a.extend(b.end.iter().map(|(_, until)| until.to_string()));
     a
 }
 
+fn parsing(e: redis::ParsingError) -> StoreError {
+    StoreError::Unavailable(format!("redis: unexpected reply: {e}"))
+}
+
 impl SessionStore for RedisStore {
-    async fn load(&self, key: &StoreKey, mask: ChannelSet) -> Result<Loaded, StoreError> {
+    async fn load(
+        &self,
+        key: &StoreKey,
+        mask: ChannelSet,
+        check_ended: bool,
+    ) -> Result<Read, StoreError> {
         let conn = self.conn().await?;
         let mut pipe = redis::pipe();
+        if check_ended {
+            pipe.exists(self.ended_key(key.tag, &key.id));
+        }
         let mut read = Vec::new();
         for ch in CHANNELS {
             if mask.contains(ch) {
@@ -286,20 +324,45 @@ impl SessionStore for RedisStore {
                 read.push(ch);
             }
         }
-        let maps: Vec<BTreeMap<String, String>> =
+        let mut out = Read::default();
+        if !check_ended && read.is_empty() {
+            return Ok(out);
+        }
+        let replies: Vec<redis::Value> =
             with_conn!(conn, c => pipe.query_async(&mut c).await).map_err(unavailable)?;
-        let mut out: Loaded = Default::default();
-        for (ch, m) in read.into_iter().zip(maps) {
-            out[ch.index()] = Some(m);
+        let mut replies = replies.into_iter();
+        if check_ended {
+            let v = replies.next().unwrap_or(redis::Value::Nil);
+            out.ended = redis::from_redis_value::<bool>(v).map_err(parsing)?;
+        }
+        for (ch, v) in read.into_iter().zip(replies) {
+            let m: BTreeMap<String, String> = redis::from_redis_value(v).map_err(parsing)?;
+            out.channels[ch.index()] = Some(m);
         }
         Ok(out)
     }
 
     async fn write(&self, b: &WriteBatch) -> Result<(), StoreError> {
         let conn = self.conn().await?;
+        debug_assert!(b
+            .end
+            .iter()
+            .all(|_| b.destroy.is_none_or(|d| d.tag == b.key.tag)));
         if b.destroy_only() {
             let keys = self.channel_keys(b.key.tag, &b.key.id);
-            return with_conn!(conn, c => redis::cmd("DEL").arg(&keys[..]).query_async::<()>(&mut c).await)
+            // One slot (one tag): a MULTI, so the logout and its mark land
+            // together.
+            let mut pipe = redis::pipe();
+            pipe.atomic().del(&keys[..]).ignore();
+            for (id, until) in &b.end {
+                pipe.cmd("SET")
+                    .arg(self.ended_key(b.key.tag, id))
+                    .arg("1")
+                    .arg("PXAT")
+                    .arg(*until)
+                    .ignore();
+            }
+            return with_conn!(conn, c => pipe.query_async::<()>(&mut c).await)
                 .map_err(unavailable);
         }
         // A Regenerate keeps the tag, and a session created by Destroy + Set
@@ -317,6 +380,10 @@ impl SessionStore for RedisStore {
             inv.key(k);
         }
         inv.key(format!("{}{{{:08x}}}:incr", self.cfg.prefix, b.key.tag));
+        inv.key(self.ended_key(b.key.tag, &b.source()));
+        for (id, _) in &b.end {
+            inv.key(self.ended_key(b.key.tag, id));
+        }
         for a in script_args(b) {
             inv.arg(a);
         }
@@ -324,6 +391,7 @@ impl SessionStore for RedisStore {
             with_conn!(conn, c => inv.invoke_async(&mut c).await).map_err(unavailable)?;
         match reply.first().map(String::as_str) {
             Some("ok") => Ok(()),
+            Some("ended") => Err(StoreError::Rejected(Refusal::Ended)),
             Some("not_integer") => Err(StoreError::Rejected(Refusal::NotInteger {
                 key: reply[1].clone(),
             })),
@@ -399,5 +467,11 @@ mod tests {
             &a[10..20],
             &["1", "1", "x", "1", "a", "1", "1", "n", "-2", "0"]
         );
+        assert_eq!((a.len(), a[27].as_str()), (28, "0"), "no ended marks");
+        b.check_ended = true;
+        b.end = vec![(SessionId([2; 16]), 77)];
+        let a = script_args(&b);
+        assert_eq!(a[0], "e");
+        assert_eq!(&a[a.len() - 2..], &["1", "77"]);
     }
 }

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub const SECRET: &str = "test-secret-0123456789abcdefghijklmnop";
 pub const SECRET2: &str = "test-secret-2-0123456789abcdefghijklmn";
@@ -867,5 +867,107 @@ impl Drop for Demo {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Three masters with `--cluster-enabled yes`, joined by redis-cli.
+pub struct Cluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = std::process::Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for n in &nodes {
+            while !n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+                assert!(Instant::now() < deadline, "cluster never became ok");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        Cluster { nodes }
+    }
+
+    pub fn store(&self) -> String {
+        let urls: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("\"{}\"", n.url()))
+            .collect();
+        format!(
+            "{{ kind: redis, cluster: [{}], timeout: 500ms }}",
+            urls.join(", ")
+        )
+    }
+
+    /// (node id, port, slot count) of the master holding `slot`.
+    pub fn owner(&self, slot: u16) -> (String, u16, usize) {
+        let nodes = self.nodes[0].cli(&["CLUSTER", "NODES"]);
+        for line in nodes.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if !f[2].contains("master") {
+                continue;
+            }
+            let mut count = 0;
+            let mut owns = false;
+            for range in &f[8..] {
+                let (a, b) = match range.split_once('-') {
+                    Some((a, b)) => (a.parse::<u16>().unwrap(), b.parse::<u16>().unwrap()),
+                    None => match range.parse::<u16>() {
+                        Ok(s) => (s, s),
+                        Err(_) => continue,
+                    },
+                };
+                count += (b - a + 1) as usize;
+                owns |= (a..=b).contains(&slot);
+            }
+            if owns {
+                let port = f[1]
+                    .split('@')
+                    .next()
+                    .unwrap()
+                    .rsplit(':')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                return (f[0].to_string(), port, count);
+            }
+        }
+        panic!("no owner for slot {slot}: {nodes}");
+    }
+
+    pub fn other_master(&self, not: &str) -> String {
+        let nodes = self.nodes[0].cli(&["CLUSTER", "NODES"]);
+        nodes
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f[2].contains("master") && f[0] != not)
+            .map(|f| f[0].to_string())
+            .unwrap()
     }
 }
