@@ -53,6 +53,9 @@ pub struct Incoming<'a, C> {
     /// The request came in over TLS.
     pub tls: bool,
     pub client_ip: Option<IpAddr>,
+    /// The last `X-Forwarded-For` header value (believed from trusted
+    /// proxies only).
+    pub forwarded_for: Option<&'a str>,
     pub now: u64,
 }
 
@@ -64,6 +67,8 @@ pub struct Opened {
     /// The client is in `trusted_proxies`.
     pub trusted: bool,
     pub session: Session,
+    /// The client's address: behind a trusted proxy, the one it appended.
+    pub client_ip: Option<IpAddr>,
 }
 
 fn is_trusted(proxies: &[IpNet], ip: Option<IpAddr>) -> bool {
@@ -83,6 +88,16 @@ pub fn open<'c, C: Iterator<Item = &'c [u8]>>(
     let cfg = &state.config;
     let trusted = is_trusted(&cfg.trusted_proxies, req.client_ip);
     let https = req.tls || cfg.session.settings.dev_insecure || (req.forwarded_https && trusted);
+    // Behind a trusted proxy, the client is the address it appended.
+    let client_ip = match req.forwarded_for.filter(|_| trusted) {
+        Some(xff) => xff
+            .rsplit(',')
+            .next()
+            .and_then(|a| a.trim().parse().ok())
+            .or(req.client_ip),
+        None => req.client_ip,
+    };
+
     let session = Session::from_cookies(
         &state.codec,
         &cfg.session.cookie,
@@ -98,7 +113,24 @@ pub fn open<'c, C: Iterator<Item = &'c [u8]>>(
         https,
         trusted,
         session,
+        client_ip,
     })
+}
+
+/// The session a request continues when the store says its id was
+/// regenerated within `session.regenerate_grace` (`moved`: the new
+/// session's cookies).
+/// `None` when the new session is not this client's to continue.
+pub fn follow(state: &State, moved: &str, client: &str, https: bool, now: u64) -> Option<Session> {
+    let s = &state.config.session;
+    Session::follow(
+        &state.codec,
+        &s.cookie,
+        &s.settings,
+        moved,
+        client,
+        RequestInfo { https, now },
+    )
 }
 
 /// Why [`admit`] answered locally.
@@ -315,6 +347,7 @@ mod tests {
             forwarded_https,
             tls: false,
             client_ip: Some(ip.parse().unwrap()),
+            forwarded_for: None,
             now: 1,
         }
     }

@@ -182,7 +182,7 @@ impl Metrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         // Pre-create the fixed label sets so that every family shows at 0.
-        for e in ["created", "regenerated", "destroyed", "expired"] {
+        for e in ["created", "regenerated", "destroyed", "expired", "followed"] {
             m.sessions.with_label_values(&[e]);
         }
         for r in crate::model::Rejection::ALL {

@@ -383,6 +383,9 @@ pub struct Settings {
     /// `session.revocation`: ended ids are remembered in the store and every
     /// request with a session checks them.
     pub revocation: bool,
+    /// `session.regenerate_grace`, ms (0: off): how long a request still
+    /// carrying a regenerated id is served the new session.
+    pub regenerate_grace: u64,
 }
 
 /// `home` first, then the others in a fixed order.

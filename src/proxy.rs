@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::model::{DirectiveError, LocalAnswer, OnDirectiveError};
 use crate::routes::Route;
 use crate::session::{Forward, Outcome, Session, WriteContext};
-use crate::store::{Store, StoreError};
+use crate::store::{Read, Refusal, Store, StoreError};
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
@@ -75,6 +75,11 @@ pub struct Ctx {
     now: u64,
     start: Instant,
     session: Session,
+    /// The client's address (behind a trusted proxy, the one it appended).
+    client_ip: Option<std::net::IpAddr>,
+    /// Who the client is, for a regenerate grace: set only when needed
+    /// ([`Ctx::bind_client`]).
+    client: String,
     forward: Forward,
     directives: Option<std::result::Result<Directives, DirectiveError>>,
     upstream_start: Option<Instant>,
@@ -107,6 +112,21 @@ impl Ctx {
             write: &route.cfg.write,
             https: self.https,
             now: self.now,
+            client: &self.client,
+        }
+    }
+}
+
+impl Ctx {
+    /// Hash who the client is (address and `User-Agent`), once: only a
+    /// Regenerate and a request following one need it.
+    fn bind_client(&mut self, req: &RequestHeader) {
+        if self.client.is_empty() {
+            let ua = req
+                .headers
+                .get(http::header::USER_AGENT)
+                .map_or(&b""[..], |v| v.as_bytes());
+            self.client = crate::session::client_bind(self.client_ip, ua);
         }
     }
 }
@@ -141,6 +161,12 @@ fn incoming(session: &Session_, now: u64) -> Incoming<'_, impl Iterator<Item = &
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https")),
         tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
         client_ip: client_ip(session),
+        forwarded_for: req
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok()),
         now,
     }
 }
@@ -242,33 +268,82 @@ impl Gateway {
         if o.session.expired {
             m.sessions.with_label_values(&["expired"]).inc();
         }
-        (ctx.route, ctx.https, ctx.trusted, ctx.session) =
-            (Some(o.route), o.https, o.trusted, o.session);
+        (
+            ctx.route,
+            ctx.https,
+            ctx.trusted,
+            ctx.session,
+            ctx.client_ip,
+        ) = (Some(o.route), o.https, o.trusted, o.session, o.client_ip);
     }
 
     /// The store read, if the request needs one; `Err` when it failed under
     /// `on_error: fail`.
-    async fn load(&self, ctx: &mut Ctx, route: &Route) -> std::result::Result<(), StoreError> {
-        let cfg = &ctx.state.config;
-        let (Some(store), Some(asked)) = (
-            &self.shared.store,
+    async fn load(
+        &self,
+        ctx: &mut Ctx,
+        route: &Route,
+        req: &RequestHeader,
+    ) -> std::result::Result<(), StoreError> {
+        let Some(store) = &self.shared.store else {
+            return Ok(());
+        };
+        let state = ctx.state.clone();
+        let cfg = &state.config;
+        let settings = &cfg.session.settings;
+        let Some(mut asked) =
             ctx.session
-                .load_request(&cfg.session.settings, &route.cfg.read, &route.cfg.require),
-        ) else {
+                .load_request(settings, &route.cfg.read, &route.cfg.require)
+        else {
             return Ok(());
         };
         ctx.store_round_trips += 1;
-        let read = self
+        let mut read = self
             .timed(
                 "read",
                 cfg.store.timeout,
-                store.load(&asked.key, asked.mask, asked.check_ended),
+                store.load(&asked.key, asked.mask, asked.check),
             )
             .await;
+        let followed = match &read {
+            Ok(Read {
+                moved: Some(moved), ..
+            }) => {
+                ctx.bind_client(req);
+                exchange::follow(&state, moved, &ctx.client, ctx.https, ctx.now)
+            }
+            _ => None,
+        };
+        if let Some(next) = followed {
+            // A request that left before its login's answer: it goes on as
+            // the new session (one hop; a second read, on this rare path only).
+            ctx.session = next;
+            self.shared
+                .metrics
+                .sessions
+                .with_label_values(&["followed"])
+                .inc();
+            let Some(next) =
+                ctx.session
+                    .load_request(settings, &route.cfg.read, &route.cfg.require)
+            else {
+                return Ok(());
+            };
+            asked = next;
+            asked.check.moved = false;
+            ctx.store_round_trips += 1;
+            read = self
+                .timed(
+                    "read",
+                    cfg.store.timeout,
+                    store.load(&asked.key, asked.mask, asked.check),
+                )
+                .await;
+        }
         if let Err(e) = &read {
             tracing::warn!(route = %route.cfg.name, error = %e, "session store read failed");
         }
-        if asked.check_ended {
+        if asked.check.ended {
             let result = match &read {
                 Ok(r) if r.ended => "ended",
                 Ok(_) => "live",
@@ -280,8 +355,7 @@ impl Gateway {
                 .with_label_values(&[result])
                 .inc();
         }
-        let on_error = cfg.store.on_error;
-        ctx.session.absorb(read, &asked, on_error)
+        ctx.session.absorb(read, &asked, cfg.store.on_error)
     }
 
     fn count_refusal(&self, route: &Route, r: &Refused, limit: usize) {
@@ -460,6 +534,8 @@ impl ProxyHttp for Gateway {
             now: 0,
             start: Instant::now(),
             session: Session::default(),
+            client_ip: None,
+            client: String::new(),
             forward: Forward::default(),
             directives: None,
             upstream_start: None,
@@ -485,7 +561,7 @@ impl ProxyHttp for Gateway {
             Err(a) => return answer(session, &a).await,
         }
         let route = &state.router.routes()[ctx.route.expect("opened")];
-        if self.load(ctx, route).await.is_err() {
+        if self.load(ctx, route, session.req_header()).await.is_err() {
             return answer(session, &LocalAnswer::store_unavailable()).await;
         }
         let req = session.req_header();
@@ -562,7 +638,7 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(
         &self,
-        _session: &mut Session_,
+        session: &mut Session_,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
@@ -577,8 +653,37 @@ impl ProxyHttp for Gateway {
             .directives
             .take()
             .unwrap_or_else(|| Ok(Directives::default()));
-        let outcome = parsed.and_then(|d| ctx.session.apply(&d, &ctx.write_context(route)));
-        let write = self.write(ctx, &outcome).await;
+        if parsed.as_ref().is_ok_and(|d| d.regenerate)
+            && state.config.session.settings.regenerate_grace > 0
+        {
+            ctx.bind_client(session.req_header());
+        }
+        let apply = |ctx: &Ctx| match &parsed {
+            Ok(d) => ctx.session.apply(d, &ctx.write_context(route)),
+            Err(e) => Err(e.clone()),
+        };
+        let mut outcome = apply(ctx);
+        let mut write = self.write(ctx, &outcome).await;
+        let followed = match &write {
+            Some(Err(StoreError::Rejected(Refusal::Moved(moved)))) => {
+                ctx.bind_client(session.req_header());
+                exchange::follow(&state, moved, &ctx.client, ctx.https, ctx.now)
+            }
+            _ => None,
+        };
+        if let Some(next) = followed {
+            // A parallel request regenerated the session while this one was
+            // at the app: its directives apply to the new session (one hop).
+            // Anyone else's is refused whole (`session_ended`).
+            ctx.session = next;
+            self.shared
+                .metrics
+                .sessions
+                .with_label_values(&["followed"])
+                .inc();
+            outcome = apply(ctx);
+            write = self.write(ctx, &outcome).await;
+        }
         match exchange::settle(outcome, write, state.config.store.on_error) {
             Commit::Applied(o) => self.send_cookies(resp, ctx, o),
             refused => self.refuse(ctx, route, refused),

@@ -177,14 +177,23 @@ async fn ttl_destroy_and_regenerate_leave_no_keys() {
     let ttl: i64 = r.cli(&["PTTL", &keys[0]]).trim().parse().unwrap();
     assert!(ttl > 3_590_000 && ttl <= 3_600_000, "ttl {ttl}");
 
-    // Regenerate: data moves, nothing stays under the old id.
+    // Regenerate: data moves, nothing stays under the old id but the
+    // regenerate grace's forward, which expires with the grace.
     b.get("/", &[("X-Session-Regenerate", "1")]).await;
     let new_id = b.get("/", &[]).await.got_header("x-session-id").unwrap();
     assert_ne!(new_id, id);
-    let keys = r.keys("t:*");
+    let forward = r.keys(&format!("*{id}*"));
+    assert_eq!(forward.len(), 1, "{forward:?}");
+    assert!(forward[0].ends_with(":f"), "{forward:?}");
+    let ttl: i64 = r.cli(&["PTTL", &forward[0]]).trim().parse().unwrap();
+    assert!(ttl > 0 && ttl <= 10_000, "forward ttl {ttl}");
+    let keys: Vec<String> = r
+        .keys("t:*")
+        .into_iter()
+        .filter(|k| !k.ends_with(":f"))
+        .collect();
     assert_eq!(keys.len(), 1, "{keys:?}");
     assert!(keys[0].contains(&new_id), "{keys:?}");
-    assert!(r.keys(&format!("*{id}*")).is_empty());
     let ttl: i64 = r.cli(&["PTTL", &keys[0]]).trim().parse().unwrap();
     assert!(ttl > 0 && ttl <= 3_600_000);
     assert_eq!(b.get("/", &[]).await.session()["user"], "alice");
@@ -192,7 +201,12 @@ async fn ttl_destroy_and_regenerate_leave_no_keys() {
     // Transient and permanent channels; Destroy removes every one.
     b.get("/", &[("X-Session-Set", "more=1")]).await;
     b.get("/", &[("X-Session-Destroy", "1")]).await;
-    assert!(r.keys("t:*").is_empty(), "{:?}", r.keys("t:*"));
+    let left: Vec<String> = r
+        .keys("t:*")
+        .into_iter()
+        .filter(|k| !k.ends_with(":f"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
     // Destroy + Set: only the new session's keys remain.
     b.get("/", &[("X-Session-Set", "user=bob")]).await;
     let id2 = b.get("/", &[]).await.got_header("x-session-id").unwrap();
@@ -203,8 +217,13 @@ async fn ttl_destroy_and_regenerate_leave_no_keys() {
     .await;
     let id3 = b.get("/", &[]).await.got_header("x-session-id").unwrap();
     assert!(r.keys(&format!("*{id2}*")).is_empty());
-    assert_eq!(r.keys("t:*").len(), 1);
-    assert!(r.keys("t:*")[0].contains(&id3));
+    let left: Vec<String> = r
+        .keys("t:*")
+        .into_iter()
+        .filter(|k| !k.ends_with(":f"))
+        .collect();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(left[0].contains(&id3));
     assert_eq!(b.get("/", &[]).await.session()["user"], "carol");
 }
 

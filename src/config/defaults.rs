@@ -16,6 +16,8 @@ pub const PATH: &str = "/";
 pub const LIFETIME: Duration = Duration::from_secs(7 * 86400);
 /// `session.touch_interval`.
 pub const TOUCH_INTERVAL: Duration = Duration::from_secs(60);
+/// `session.regenerate_grace`.
+pub const REGENERATE_GRACE: Duration = Duration::from_secs(10);
 
 /// `store.path` (embedded), relative to the config file.
 pub const EMBEDDED_PATH: &str = "data/sessions.redb";

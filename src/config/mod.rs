@@ -605,7 +605,7 @@ mod tests {
             ("session:\n  secrets: \"{S}\"\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "session.secrets: invalid type: a string, expected a sequence (line 2)"),
             ("session:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n    upstreams: [nope]\n", "routes[0].upstreams[0]: `nope` is not host:port (line 5)"),
             ("session:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n    match: { path_prefx: /a }\n    upstreams: [a:1]\n", "routes[0].match.path_prefx: unknown field, did you mean path_prefix? (line 5)"),
-            ("session:\n  secrets: [\"{S}\"]\n  zzz: 1\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "session.zzz: unknown field (known: secrets, encrypt, cookie, lifetime, idle_timeout, touch_interval, undeclared_keys, keys, limits, dev_insecure, revocation) (line 3)"),
+            ("session:\n  secrets: [\"{S}\"]\n  zzz: 1\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "session.zzz: unknown field (known: secrets, encrypt, cookie, lifetime, idle_timeout, touch_interval, undeclared_keys, keys, limits, dev_insecure, revocation, regenerate_grace) (line 3)"),
         ];
         let mut wrong = Vec::new();
         for (yaml, want) in cases {

@@ -155,6 +155,7 @@ pub(super) struct RawSession {
     pub(super) dev_insecure: bool,
     #[serde(default)]
     pub(super) revocation: bool,
+    pub(super) regenerate_grace: Option<Str>,
 }
 
 pub(super) fn yes() -> bool {

@@ -205,6 +205,18 @@ pub(super) fn build_session(
         }
     }
 
+    let grace = e.duration(
+        "session.regenerate_grace",
+        &raw.regenerate_grace,
+        defaults::REGENERATE_GRACE,
+    );
+    if grace > Duration::from_secs(300) {
+        e.add(
+            "session.regenerate_grace",
+            "must be at most 5m: it is how long a copy of the pre-login cookie keeps working",
+        );
+    }
+
     let l = &raw.limits;
     let d = Limits::default();
     let limits = Limits {
@@ -249,6 +261,8 @@ pub(super) fn build_session(
             has_store,
             dev_insecure: raw.dev_insecure,
             revocation: raw.revocation,
+            // Without a store there is nowhere to keep the forward.
+            regenerate_grace: if has_store { ms(grace) } else { 0 },
         },
     }
 }

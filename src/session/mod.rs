@@ -10,7 +10,7 @@
 mod read;
 mod write;
 
-pub use read::{Forward, RequestInfo, StoreRead};
+pub use read::{client_bind, Forward, RequestInfo, StoreRead};
 pub use write::{CookieChange, Outcome, WriteContext};
 
 use crate::model::{channel_order, Channel, Flags, Meta, Payload, Rejection, Settings};
@@ -46,6 +46,9 @@ pub struct Session {
     /// forwarded, and no directive can be applied (nobody knows whether the
     /// session is live).
     pub unchecked: bool,
+    /// The cookie named a regenerated id, and this is the new session
+    /// (`session.regenerate_grace`).
+    pub followed: bool,
 }
 
 impl Session {
@@ -131,7 +134,9 @@ impl From<crate::store::Refusal> for crate::model::DirectiveError {
                     "the session would hold {bytes} bytes, more than limits.session_bytes ({max})"
                 ),
             ),
-            Refusal::Ended => DirectiveError::new(
+            // Moved is followed by the gateway; a second move in one
+            // request (two logins racing) is reported as ended.
+            Refusal::Ended | Refusal::Moved(_) => DirectiveError::new(
                 DirectiveErrorKind::SessionEnded,
                 "the session ended (logged out or regenerated) while this request was in flight",
             ),
@@ -160,5 +165,6 @@ fn test_settings(
         has_store: true,
         dev_insecure: false,
         revocation: false,
+        regenerate_grace: 0,
     }
 }

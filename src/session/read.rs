@@ -7,17 +7,18 @@ use crate::model::{
     Channel, ChannelSet, Flags, KeySet, LocalAnswer, Meta, OnError, OnMissing, Payload, Rejection,
     Settings, CHANNELS,
 };
-use crate::store::{Read, StoreError, StoreKey};
+use crate::store::{Check, Read, StoreError, StoreKey};
 use percent_encoding::{AsciiSet, CONTROLS};
 use std::borrow::Cow;
 
-/// One request's store read: the session, the channels to read, and
-/// whether to ask if the id has ended (`session.revocation`).
+/// One request's store read: the session, the channels to read, and what
+/// to ask besides (ended: `session.revocation`; moved:
+/// `session.regenerate_grace`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StoreRead {
     pub key: StoreKey,
     pub mask: ChannelSet,
-    pub check_ended: bool,
+    pub check: Check,
 }
 
 /// Cookies of one name looked at per request; more are ignored.
@@ -190,11 +191,16 @@ impl Session {
     ) -> Option<StoreRead> {
         let meta = self.meta?;
         let mask = self.load_plan(settings, read, require);
-        let check_ended = settings.revocation;
-        (!mask.is_empty() || check_ended).then(|| StoreRead {
+        let check = Check {
+            ended: settings.revocation,
+            // Only asked on a read that happens anyway: the forward costs
+            // no round trip of its own.
+            moved: settings.regenerate_grace > 0,
+        };
+        (!mask.is_empty() || check.ended).then_some(StoreRead {
             key: StoreKey::from(meta),
             mask,
-            check_ended,
+            check,
         })
     }
 
@@ -223,13 +229,49 @@ impl Session {
             Err(e) if on_error == OnError::Fail => Err(e),
             Err(_) => {
                 self.degraded = true;
-                if asked.check_ended {
+                if asked.check.ended {
                     self.forget();
                     self.unchecked = true;
                 }
                 Ok(())
             }
         }
+    }
+
+    /// The session a request still carrying a regenerated id continues
+    /// within `session.regenerate_grace`: read from the new session's
+    /// cookies (`moved`, as the store kept them; they are sealed, so the
+    /// store cannot forge one), and re-issued to the browser.
+    ///
+    /// Only for the client that logged in (same [`client_bind`]): whoever
+    /// else holds the old id — an attacker who planted it before the login
+    /// (session fixation) — must not be handed the new session. `None` when
+    /// the binding differs or the cookies do not open.
+    pub fn follow(
+        codec: &Codec,
+        spec: &CookieSpec,
+        settings: &Settings,
+        moved: &str,
+        client: &str,
+        req: RequestInfo,
+    ) -> Option<Session> {
+        let plain = codec.open_private(FORWARD, moved)?;
+        let (bind, cookies) = std::str::from_utf8(&plain).ok()?.split_once('\n')?;
+        use subtle::ConstantTimeEq;
+        if !bool::from(bind.as_bytes().ct_eq(client.as_bytes())) {
+            return None;
+        }
+        let mut s = Session::from_cookies(
+            codec,
+            spec,
+            settings,
+            std::iter::once(cookies.as_bytes()),
+            req,
+        );
+        s.meta?;
+        s.reissue = true;
+        s.followed = true;
+        Some(s)
     }
 
     /// Treat the request as carrying no session (without clearing cookies).
@@ -371,6 +413,24 @@ impl Session {
     }
 }
 
+/// Purpose of the sealed record a Regenerate leaves for its grace.
+pub(super) const FORWARD: &str = "regenerate-forward";
+
+/// Who a request comes from, as far as a gateway can tell (the client
+/// address and the `User-Agent`), hashed: what a regenerate grace is bound
+/// to. 16 hex digits.
+pub fn client_bind(ip: Option<std::net::IpAddr>, user_agent: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(ip.map(|ip| ip.to_string()).unwrap_or_default());
+    h.update([0u8]);
+    h.update(user_agent);
+    h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// A value as a header: `%`, control bytes, bytes >= 0x80 and leading or
 /// trailing spaces percent-encoded, everything else as is.
 pub fn encode_header_value(v: &str) -> String {
@@ -431,7 +491,7 @@ mod tests {
         let r = s.load_request(&st, &KeySet::All, &[]).unwrap();
         assert_eq!((r.key.id, r.key.tag), (SessionId([7; 16]), 3));
         assert!(r.mask.contains(Channel::Perm) && !r.mask.contains(Channel::Trans));
-        assert!(!r.check_ended);
+        assert!(!r.check.ended);
         assert!(s.load_request(&st, &KeySet::None, &[]).is_none());
         assert!(s
             .load_request(&st, &KeySet::None, &["user".to_string()])
@@ -450,7 +510,7 @@ mod tests {
         let r = session(Flags::NONE)
             .load_request(&st, &KeySet::None, &[])
             .unwrap();
-        assert!(r.check_ended && r.mask.is_empty());
+        assert!(r.check.ended && r.mask.is_empty());
         assert!(Session::default()
             .load_request(&st, &KeySet::All, &[])
             .is_none());
@@ -459,13 +519,16 @@ mod tests {
     #[test]
     fn absorb_follows_on_error_and_the_revocation_check() {
         let st = settings();
-        let asked = |check_ended| StoreRead {
+        let asked = |ended| StoreRead {
             key: StoreKey {
                 id: SessionId([7; 16]),
                 tag: 3,
             },
             mask: ChannelSet::ALL,
-            check_ended,
+            check: Check {
+                ended,
+                moved: false,
+            },
         };
         let mut s = session(Flags::STORE);
         let mut read = Read::default();

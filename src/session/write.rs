@@ -26,6 +26,9 @@ pub struct WriteContext<'a> {
     pub write: &'a KeySet,
     pub https: bool,
     pub now: u64,
+    /// [`super::client_bind`] of the request: a Regenerate's grace is
+    /// bound to it.
+    pub client: &'a str,
 }
 
 /// How one of our cookies changes in the response.
@@ -117,6 +120,9 @@ struct Work {
     /// `session.revocation`: ids to remember as ended, until their expiry.
     end: Vec<(SessionId, u64)>,
     revocation: bool,
+    /// The cookies sealed for the response (name, value): after a
+    /// Regenerate, what a request still carrying the old id continues with.
+    sealed: Vec<(Channel, String)>,
     out: Outcome,
 }
 
@@ -138,6 +144,7 @@ impl Work {
             rename_from: None,
             end: Vec::new(),
             revocation: settings.revocation,
+            sealed: Vec::new(),
             out: Outcome::default(),
         };
         // A session that went idle on this request: its data goes and its
@@ -715,6 +722,9 @@ impl Session {
         let value = cx.codec.seal(cx.spec.name(ch), &payload);
         let expires = ch.permanent().then_some(m.expires);
         let line = cx.spec.set_line(ch, &value, expires, cx.now, cx.https);
+        if w.rename_from.is_some() && cx.settings.regenerate_grace > 0 {
+            w.sealed.push((ch, value.clone()));
+        }
         if line.len() > MAX_SET_COOKIE {
             return Err(err(
                 DirectiveErrorKind::CookieTooLarge,
@@ -745,6 +755,11 @@ impl Session {
             || store_touch
             || limits.is_some();
         let check_ended = cx.settings.revocation;
+        let grace = cx.settings.regenerate_grace;
+        // A write to the session the request carried first asks whether a
+        // parallel request regenerated it (the gateway then applies the
+        // response to the new session instead).
+        let check_moved = grace > 0 && self.meta.is_some();
         match w.meta {
             Some(m) if needed => {
                 let expire_at = match cx.settings.idle_timeout {
@@ -758,12 +773,27 @@ impl Session {
                 b.limits = limits;
                 b.end = w.end;
                 b.check_ended = check_ended;
+                b.check_moved = check_moved;
+                if b.rename_from.is_some() && grace > 0 && !w.sealed.is_empty() {
+                    let header: Vec<String> = w
+                        .sealed
+                        .iter()
+                        .map(|(ch, v)| format!("{}={v}", cx.spec.name(*ch)))
+                        .collect();
+                    // Sealed: whoever reads the store must not get cookies.
+                    let plain = format!("{}\n{}", cx.client, header.join("; "));
+                    let forward = cx
+                        .codec
+                        .seal_private(super::read::FORWARD, plain.as_bytes());
+                    b.forward = Some((forward, cx.now.saturating_add(grace)));
+                }
                 Some(b)
             }
             _ => w.destroy.map(|old| {
                 let mut b = WriteBatch::new(old, 0);
                 b.destroy = Some(old);
                 b.end = w.end;
+                b.check_moved = check_moved;
                 b
             }),
         }
@@ -863,6 +893,7 @@ mod tests {
                 write: &KeySet::All,
                 https: false,
                 now,
+                client: "c",
             }
         }
 

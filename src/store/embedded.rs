@@ -1,12 +1,14 @@
 //! `store.kind: embedded` (the default): a redb file on local disk that
 //! survives restarts. One node.
 //!
-//! Layout (five tables):
+//! Layout (six tables):
 //! - `data`:    id(16) | channel(1) | key  ->  value
 //! - `session`: id(16)                     ->  expire_at (ms, u64)
 //! - `expiry`:  expire_at(8, BE) | id(16)  ->  ()       (sweep index)
 //! - `ended`:   id(16)                     ->  until (ms, u64)  (revocation)
 //! - `ended_expiry`: until(8, BE) | id(16) ->  ()       (sweep index)
+//! - `moved`:   id(16)                     ->  until(8, BE) | new cookies
+//!   (regenerate grace; few and short-lived, swept by a scan)
 //!
 //! redb calls block, so they never run on the proxy's runtime: reads go to
 //! the blocking pool, and every write goes to one writer thread that commits
@@ -23,7 +25,7 @@
 //! cache hit also answers the revocation check; a session without store data
 //! is cached as an empty record once checked.
 
-use super::{Read, Record, SessionStore, StoreError, StoreKey, WriteBatch};
+use super::{Check, Read, Record, SessionStore, StoreError, StoreKey, WriteBatch};
 use crate::model::{ChannelSet, SessionId, CHANNELS};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use std::collections::HashMap;
@@ -38,6 +40,7 @@ const SESSION: TableDefinition<&[u8], u64> = TableDefinition::new("session");
 const EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("expiry");
 const ENDED: TableDefinition<&[u8], u64> = TableDefinition::new("ended");
 const ENDED_EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("ended_expiry");
+const MOVED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("moved");
 
 /// Batches committed in one transaction at most.
 const GROUP: usize = 256;
@@ -165,6 +168,7 @@ impl EmbeddedStore {
             txn.open_table(EXPIRY)?;
             txn.open_table(ENDED)?;
             txn.open_table(ENDED_EXPIRY)?;
+            txn.open_table(MOVED)?;
             txn.commit()?;
             Ok(())
         };
@@ -263,6 +267,20 @@ fn is_ended(
     Ok(ended.get(&id.0[..])?.is_some_and(|g| g.value() > now))
 }
 
+/// The new cookies of an id regenerated within the grace.
+fn moved(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    id: &SessionId,
+    now: u64,
+) -> Result<Option<String>, redb::Error> {
+    let Some(v) = table.get(&id.0[..])? else {
+        return Ok(None);
+    };
+    let v = v.value();
+    let until = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
+    Ok((until > now).then(|| String::from_utf8_lossy(&v[8..]).into_owned()))
+}
+
 fn delete_session(
     data: &mut redb::Table<&'static [u8], &'static [u8]>,
     session: &mut redb::Table<&'static [u8], u64>,
@@ -295,19 +313,13 @@ fn apply(
     let mut expiry = txn.open_table(EXPIRY)?;
 
     let src = b.source();
+    if b.check_moved {
+        if let Some(h) = moved(&txn.open_table(MOVED)?, &src, now)? {
+            return Ok(Err(StoreError::Rejected(super::Refusal::Moved(h))));
+        }
+    }
     if b.check_ended && !b.destroy_only() && is_ended(&txn.open_table(ENDED)?, &src, now)? {
         return Ok(Err(StoreError::Rejected(super::Refusal::Ended)));
-    }
-    if !b.end.is_empty() {
-        let mut ended = txn.open_table(ENDED)?;
-        let mut index = txn.open_table(ENDED_EXPIRY)?;
-        for (id, until) in &b.end {
-            if let Some(old) = ended.insert(&id.0[..], *until)?.map(|g| g.value()) {
-                index.remove(&expiry_key(old, id)[..])?;
-            }
-            index.insert(&expiry_key(*until, id)[..], ())?;
-            updates.push((*id, None));
-        }
     }
     let before = if b.destroy.is_some_and(|d| d.id == src) {
         Record::default()
@@ -319,6 +331,23 @@ fn apply(
         if let Err(e) = after.apply_batch(b) {
             return Ok(Err(StoreError::Rejected(e)));
         }
+    }
+    // Only now that the batch applies: a refused batch writes nothing.
+    if !b.end.is_empty() {
+        let mut ended = txn.open_table(ENDED)?;
+        let mut index = txn.open_table(ENDED_EXPIRY)?;
+        for (id, until) in &b.end {
+            if let Some(old) = ended.insert(&id.0[..], *until)?.map(|g| g.value()) {
+                index.remove(&expiry_key(old, id)[..])?;
+            }
+            index.insert(&expiry_key(*until, id)[..], ())?;
+            updates.push((*id, None));
+        }
+    }
+    if let (Some(from), Some((h, until))) = (b.rename_from, &b.forward) {
+        let mut v = until.to_be_bytes().to_vec();
+        v.extend_from_slice(h.as_bytes());
+        txn.open_table(MOVED)?.insert(&from.0[..], &v[..])?;
     }
     if let Some(d) = b.destroy {
         delete_session(&mut data, &mut session, &mut expiry, &d.id)?;
@@ -398,6 +427,9 @@ fn sweep(txn: &redb::WriteTransaction, now: u64) -> Result<usize, redb::Error> {
         index.remove(&k[..])?;
         ended.remove(&k[8..])?;
     }
+    txn.open_table(MOVED)?.retain(|_, v| {
+        v.len() >= 8 && u64::from_be_bytes(v[..8].try_into().expect("8 bytes")) > now
+    })?;
     Ok(ids.len())
 }
 
@@ -475,14 +507,15 @@ impl SessionStore for EmbeddedStore {
         &self,
         key: &StoreKey,
         mask: ChannelSet,
-        check_ended: bool,
+        check: Check,
     ) -> Result<Read, StoreError> {
         let now = crate::model::now_ms();
         let generation = match self.cache.get(&key.id, now) {
+            // Ended and regenerated ids are never cached.
             Ok(rec) => {
                 return Ok(Read {
                     channels: rec.loaded(mask),
-                    ended: false,
+                    ..Default::default()
                 })
             }
             Err(generation) => generation,
@@ -490,22 +523,25 @@ impl SessionStore for EmbeddedStore {
         let db = self.db.clone();
         let id = key.id;
         // redb blocks: read on the blocking pool, never on the proxy thread.
-        let (rec, expires, ended) =
-            tokio::task::spawn_blocking(move || -> Result<(Record, u64, bool), redb::Error> {
+        type Found = (Record, u64, bool, Option<String>);
+        let (rec, expires, ended, moved) =
+            tokio::task::spawn_blocking(move || -> Result<Found, redb::Error> {
                 let txn = db.begin_read()?;
                 let data = txn.open_table(DATA)?;
                 let session = txn.open_table(SESSION)?;
                 let ended = is_ended(&txn.open_table(ENDED)?, &id, now)?;
+                let moved = moved(&txn.open_table(MOVED)?, &id, now)?;
                 let (rec, expires) = read_record(&data, &session, &id, ChannelSet::ALL, now)?;
-                Ok((rec, expires, ended))
+                Ok((rec, expires, ended, moved))
             })
             .await
             .map_err(|e| StoreError::Unavailable(format!("embedded store: {e}")))?
             .map_err(unavailable)?;
         let channels = rec.loaded(mask);
-        if !ended && expires > now {
+        let live = !ended && moved.is_none();
+        if live && expires > now {
             self.cache.fill(id, Arc::new(rec), expires, generation);
-        } else if !ended && check_ended {
+        } else if live && check.ended {
             // Checked and live without store data (a cookie-only session):
             // remember it, so its next request does not read the file.
             let for_a_while = now.saturating_add(NEGATIVE_TTL_MS);
@@ -513,7 +549,8 @@ impl SessionStore for EmbeddedStore {
         }
         Ok(Read {
             channels,
-            ended: check_ended && ended,
+            ended: check.ended && ended,
+            moved: moved.filter(|_| check.moved),
         })
     }
 
@@ -564,7 +601,10 @@ mod tests {
     }
 
     async fn get(s: &EmbeddedStore, k: StoreKey) -> BTreeMapOf {
-        s.load(&k, ChannelSet::ALL, false).await.unwrap().channels[0]
+        s.load(&k, ChannelSet::ALL, Check::default())
+            .await
+            .unwrap()
+            .channels[0]
             .clone()
             .unwrap()
     }

@@ -1,7 +1,7 @@
 //! `store.kind: memory`: sessions in a process-local map (tests, demos).
 //! Lost on restart; expired records are dropped on access and by a sweep.
 
-use super::{Read, Record, Refusal, SessionStore, StoreError, StoreKey, WriteBatch};
+use super::{Check, Read, Record, Refusal, SessionStore, StoreError, StoreKey, WriteBatch};
 use crate::model::{ChannelSet, SessionId};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -12,11 +12,20 @@ struct Maps {
     records: HashMap<SessionId, (Record, u64)>,
     /// Ended ids (`session.revocation`) until their absolute expiry (ms).
     ended: HashMap<SessionId, u64>,
+    /// Regenerated ids within the grace: until (ms), the new cookies.
+    moved: HashMap<SessionId, (u64, String)>,
 }
 
 impl Maps {
     fn is_ended(&self, id: &SessionId, now: u64) -> bool {
         self.ended.get(id).is_some_and(|until| *until > now)
+    }
+
+    fn moved(&self, id: &SessionId, now: u64) -> Option<&String> {
+        self.moved
+            .get(id)
+            .filter(|(until, _)| *until > now)
+            .map(|(_, h)| h)
     }
 }
 
@@ -38,6 +47,7 @@ impl MemoryStore {
         let before = m.records.len();
         m.records.retain(|_, (_, exp)| *exp > now);
         m.ended.retain(|_, until| *until > now);
+        m.moved.retain(|_, (until, _)| *until > now);
         before - m.records.len()
     }
 
@@ -55,7 +65,7 @@ impl SessionStore for MemoryStore {
         &self,
         key: &StoreKey,
         mask: ChannelSet,
-        check_ended: bool,
+        check: Check,
     ) -> Result<Read, StoreError> {
         let now = crate::model::now_ms();
         let m = self.maps.lock().unwrap();
@@ -65,7 +75,11 @@ impl SessionStore for MemoryStore {
         };
         Ok(Read {
             channels,
-            ended: check_ended && m.is_ended(&key.id, now),
+            ended: check.ended && m.is_ended(&key.id, now),
+            moved: check
+                .moved
+                .then(|| m.moved(&key.id, now).cloned())
+                .flatten(),
         })
     }
 
@@ -73,6 +87,11 @@ impl SessionStore for MemoryStore {
         let now = crate::model::now_ms();
         let mut guard = self.maps.lock().unwrap();
         let m = &mut *guard;
+        if b.check_moved {
+            if let Some(h) = m.moved(&b.source(), now) {
+                return Err(StoreError::Rejected(Refusal::Moved(h.clone())));
+            }
+        }
         if b.check_ended && !b.destroy_only() && m.is_ended(&b.source(), now) {
             return Err(StoreError::Rejected(Refusal::Ended));
         }
@@ -108,6 +127,9 @@ impl SessionStore for MemoryStore {
         }
         for (id, until) in &b.end {
             m.ended.insert(*id, *until);
+        }
+        if let (Some(from), Some((h, until))) = (b.rename_from, &b.forward) {
+            m.moved.insert(from, (*until, h.clone()));
         }
         Ok(())
     }

@@ -37,6 +37,15 @@ impl From<crate::model::Meta> for StoreKey {
 /// Server-side values per channel; `None` for channels not read.
 pub type Loaded = [Option<BTreeMap<String, String>>; 4];
 
+/// What a read asks besides the data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Check {
+    /// Has the id ended? (`session.revocation`)
+    pub ended: bool,
+    /// Was it regenerated within the grace? (`session.regenerate_grace`)
+    pub moved: bool,
+}
+
 /// What one read round trip returned.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Read {
@@ -44,6 +53,10 @@ pub struct Read {
     /// The id is remembered as ended (`session.revocation`; only asked when
     /// the read says so, `false` otherwise).
     pub ended: bool,
+    /// The id was regenerated within `session.regenerate_grace`: the new
+    /// session's cookies, as a `Cookie` header value (only asked when the
+    /// read says so).
+    pub moved: Option<String>,
 }
 
 /// Field operations on one channel's data, applied in this order: clear,
@@ -102,6 +115,14 @@ pub struct WriteBatch {
     /// session it continues ([`WriteBatch::source`]) has ended meanwhile, so
     /// a request that raced a logout cannot bring the session back.
     pub check_ended: bool,
+    /// `session.regenerate_grace`: refuse the batch ([`Refusal::Moved`])
+    /// when the session it continues was regenerated within the grace, so
+    /// the gateway can apply the response to the new session instead.
+    pub check_moved: bool,
+    /// Regenerate with a grace: the new session's cookies (a `Cookie`
+    /// header value) to hand to requests still carrying the old id, and
+    /// until when (ms).
+    pub forward: Option<(String, u64)>,
 }
 
 impl WriteBatch {
@@ -115,6 +136,8 @@ impl WriteBatch {
             limits: None,
             end: Vec::new(),
             check_ended: false,
+            check_moved: false,
+            forward: None,
         }
     }
 
@@ -150,6 +173,9 @@ pub enum Refusal {
     },
     /// [`WriteBatch::check_ended`]: the session ended meanwhile.
     Ended,
+    /// [`WriteBatch::check_moved`]: the session was regenerated meanwhile;
+    /// the new session's cookies.
+    Moved(String),
 }
 
 impl Refusal {
@@ -160,6 +186,7 @@ impl Refusal {
             Refusal::TooManyKeys { .. } => "too_many_keys",
             Refusal::SessionTooLarge { .. } => "session_too_large",
             Refusal::Ended => "session_ended",
+            Refusal::Moved(_) => "session_moved",
         }
     }
 }
@@ -197,12 +224,13 @@ impl StoreError {
 /// the proxy awaits them without boxing.
 pub trait SessionStore: Send + Sync {
     /// Read the channels in `mask` ([`crate::model::Channel::bit`]) in one
-    /// round trip, and with `check_ended` whether the id has ended.
+    /// round trip, with [`Check::ended`] whether the id has ended, and with
+    /// [`Check::moved`] whether it was regenerated within the grace.
     fn load(
         &self,
         key: &StoreKey,
         mask: ChannelSet,
-        check_ended: bool,
+        check: Check,
     ) -> impl Future<Output = Result<Read, StoreError>> + Send;
     /// Apply a batch atomically in one round trip.
     fn write(&self, batch: &WriteBatch) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -230,12 +258,12 @@ impl Store {
         &self,
         key: &StoreKey,
         mask: ChannelSet,
-        check_ended: bool,
+        check: Check,
     ) -> Result<Read, StoreError> {
         match self {
-            Store::Memory(s) => s.load(key, mask, check_ended).await,
-            Store::Embedded(s) => s.load(key, mask, check_ended).await,
-            Store::Redis(s) => s.load(key, mask, check_ended).await,
+            Store::Memory(s) => s.load(key, mask, check).await,
+            Store::Embedded(s) => s.load(key, mask, check).await,
+            Store::Redis(s) => s.load(key, mask, check).await,
         }
     }
 
@@ -348,6 +376,11 @@ impl Record {
 mod tests {
     use super::*;
 
+    const ENDED: Check = Check {
+        ended: true,
+        moved: false,
+    };
+
     /// `session.revocation` semantics every in-process backend shares (Redis
     /// runs the same table in `tests/redis.rs`).
     async fn ended_marks(store: &Store) {
@@ -362,8 +395,9 @@ mod tests {
             b.check_ended = true;
             b
         };
-        let ended =
-            |k: StoreKey| async move { store.load(&k, ChannelSet::ALL, true).await.unwrap().ended };
+        let ended = |k: StoreKey| async move {
+            store.load(&k, ChannelSet::ALL, ENDED).await.unwrap().ended
+        };
         // Destroy remembers the id; a read that does not ask says nothing.
         store.write(&set(key(1))).await.unwrap();
         assert!(!ended(key(1)).await);
@@ -374,7 +408,7 @@ mod tests {
         assert!(ended(key(1)).await);
         assert!(
             !store
-                .load(&key(1), ChannelSet::ALL, false)
+                .load(&key(1), ChannelSet::ALL, Check::default())
                 .await
                 .unwrap()
                 .ended
@@ -384,7 +418,7 @@ mod tests {
             store.write(&set(key(1))).await,
             Err(StoreError::Rejected(Refusal::Ended))
         );
-        let r = store.load(&key(1), ChannelSet::ALL, true).await.unwrap();
+        let r = store.load(&key(1), ChannelSet::ALL, ENDED).await.unwrap();
         assert!(r.channels[0].as_ref().unwrap().is_empty());
         // Regenerate: the old id ends, the new one lives with the data.
         store.write(&set(key(2))).await.unwrap();
@@ -394,7 +428,7 @@ mod tests {
         g.end = vec![(key(2).id, now + 60_000)];
         store.write(&g).await.unwrap();
         assert!(ended(key(2)).await && !ended(key(3)).await);
-        let r = store.load(&key(3), ChannelSet::ALL, true).await.unwrap();
+        let r = store.load(&key(3), ChannelSet::ALL, ENDED).await.unwrap();
         assert_eq!(r.channels[0].as_ref().unwrap()["a"], "1");
         // Regenerating an ended session is refused too.
         let mut again = set(key(4));

@@ -19,7 +19,7 @@
 //! Connections are made lazily inside the proxy's runtime, reconnect on
 //! their own, and every call is bounded by `store.timeout` by the caller.
 
-use super::{Read, Refusal, SessionStore, StoreError, StoreKey, WriteBatch};
+use super::{Check, Read, Refusal, SessionStore, StoreError, StoreKey, WriteBatch};
 use crate::model::{ChannelSet, SessionId, CHANNELS};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
@@ -43,15 +43,21 @@ pub struct RedisOptions {
 pub const WRITE_SCRIPT: &str = r#"
 -- KEYS[1..4]: the session's channel hashes; KEYS[5..8]: the old id's
 -- (Regenerate source or Destroy target); KEYS[9]: scratch for exact Incr;
--- KEYS[10]: the ended mark of the id the write continues; KEYS[11..]: ended
--- marks to set.
+-- KEYS[10]: the ended mark of the id the write continues; KEYS[11]: its
+-- regenerate-grace forward; KEYS[12..]: ended marks to set.
 -- ARGV[1]: flags ("d" destroy old, "r" move old to new, "e" refuse when
--- KEYS[10] exists); ARGV[2]: PEXPIREAT ms;
+-- KEYS[10] exists, "m" refuse with KEYS[11]'s value when it exists);
+-- ARGV[2]: PEXPIREAT ms;
 -- ARGV[3..6]: max_keys, max_bytes, client_keys, client_bytes (max_keys -1: no check);
 -- ARGV[7..]: per channel: clear, n, deletes..., n, (key value)..., n, (key delta)...;
--- then n, and the PXAT ms of each ended mark.
+-- then n, and the PXAT ms of each ended mark; then the forward to set on
+-- KEYS[11] and its PXAT ms ("" "": none).
 local destroy = string.find(ARGV[1], "d", 1, true) ~= nil
 local rename = string.find(ARGV[1], "r", 1, true) ~= nil
+if string.find(ARGV[1], "m", 1, true) ~= nil then
+  local to = redis.call("GET", KEYS[11])
+  if to then return { "moved", to } end
+end
 if string.find(ARGV[1], "e", 1, true) ~= nil and redis.call("EXISTS", KEYS[10]) == 1 then
   return { "ended" }
 end
@@ -74,6 +80,8 @@ end
 local ends = {}
 local n_end = tonumber(ARGV[pos]); pos = pos + 1
 for i = 1, n_end do ends[i] = ARGV[pos]; pos = pos + 1 end
+local forward = ARGV[pos]
+local forward_until = ARGV[pos + 1]
 local function src(c)
   if rename then return KEYS[4 + c] end
   return KEYS[c]
@@ -154,12 +162,15 @@ for c = 1, 4 do
   if #args > 0 then redis.call("HSET", k, unpack(args)) end
   redis.call("PEXPIREAT", k, at)
 end
-for i = 1, #ends do redis.call("SET", KEYS[10 + i], "1", "PXAT", ends[i]) end
+for i = 1, #ends do redis.call("SET", KEYS[11 + i], "1", "PXAT", ends[i]) end
+if forward ~= "" then redis.call("SET", KEYS[11], forward, "PXAT", forward_until) end
 return { "ok" }
 "#;
 
 /// The suffix of an ended id's mark.
 const ENDED_SUFFIX: &str = "x";
+/// The suffix of a regenerated id's forward (its new cookies).
+const MOVED_SUFFIX: &str = "f";
 
 static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(WRITE_SCRIPT));
 
@@ -235,6 +246,10 @@ impl RedisStore {
         self.key(tag, id, ENDED_SUFFIX)
     }
 
+    fn moved_key(&self, tag: u32, id: &SessionId) -> String {
+        self.key(tag, id, MOVED_SUFFIX)
+    }
+
     /// Every key name a session uses (tests and tools).
     pub fn keys_of(&self, key: &StoreKey) -> [String; 4] {
         self.channel_keys(key.tag, &key.id)
@@ -271,6 +286,9 @@ fn script_args(b: &WriteBatch) -> Vec<String> {
     if b.check_ended {
         flags.push('e');
     }
+    if b.check_moved {
+        flags.push('m');
+    }
     let mut a = vec![flags, b.expire_at.to_string()];
     match &b.limits {
         Some(l) => a.extend([
@@ -298,6 +316,10 @@ fn script_args(b: &WriteBatch) -> Vec<String> {
     }
     a.push(b.end.len().to_string());
     a.extend(b.end.iter().map(|(_, until)| until.to_string()));
+    match &b.forward {
+        Some((h, until)) if b.rename_from.is_some() => a.extend([h.clone(), until.to_string()]),
+        _ => a.extend([String::new(), String::new()]),
+    }
     a
 }
 
@@ -310,12 +332,15 @@ impl SessionStore for RedisStore {
         &self,
         key: &StoreKey,
         mask: ChannelSet,
-        check_ended: bool,
+        check: Check,
     ) -> Result<Read, StoreError> {
         let conn = self.conn().await?;
         let mut pipe = redis::pipe();
-        if check_ended {
+        if check.ended {
             pipe.exists(self.ended_key(key.tag, &key.id));
+        }
+        if check.moved {
+            pipe.get(self.moved_key(key.tag, &key.id));
         }
         let mut read = Vec::new();
         for ch in CHANNELS {
@@ -325,15 +350,19 @@ impl SessionStore for RedisStore {
             }
         }
         let mut out = Read::default();
-        if !check_ended && read.is_empty() {
+        if !check.ended && !check.moved && read.is_empty() {
             return Ok(out);
         }
         let replies: Vec<redis::Value> =
             with_conn!(conn, c => pipe.query_async(&mut c).await).map_err(unavailable)?;
         let mut replies = replies.into_iter();
-        if check_ended {
+        if check.ended {
             let v = replies.next().unwrap_or(redis::Value::Nil);
             out.ended = redis::from_redis_value::<bool>(v).map_err(parsing)?;
+        }
+        if check.moved {
+            let v = replies.next().unwrap_or(redis::Value::Nil);
+            out.moved = redis::from_redis_value::<Option<String>>(v).map_err(parsing)?;
         }
         for (ch, v) in read.into_iter().zip(replies) {
             let m: BTreeMap<String, String> = redis::from_redis_value(v).map_err(parsing)?;
@@ -348,7 +377,7 @@ impl SessionStore for RedisStore {
             .end
             .iter()
             .all(|_| b.destroy.is_none_or(|d| d.tag == b.key.tag)));
-        if b.destroy_only() {
+        if b.destroy_only() && !b.check_moved {
             let keys = self.channel_keys(b.key.tag, &b.key.id);
             // One slot (one tag): a MULTI, so the logout and its mark land
             // together.
@@ -381,6 +410,7 @@ impl SessionStore for RedisStore {
         }
         inv.key(format!("{}{{{:08x}}}:incr", self.cfg.prefix, b.key.tag));
         inv.key(self.ended_key(b.key.tag, &b.source()));
+        inv.key(self.moved_key(b.key.tag, &b.source()));
         for (id, _) in &b.end {
             inv.key(self.ended_key(b.key.tag, id));
         }
@@ -392,6 +422,9 @@ impl SessionStore for RedisStore {
         match reply.first().map(String::as_str) {
             Some("ok") => Ok(()),
             Some("ended") => Err(StoreError::Rejected(Refusal::Ended)),
+            Some("moved") if reply.len() == 2 => {
+                Err(StoreError::Rejected(Refusal::Moved(reply[1].clone())))
+            }
             Some("not_integer") => Err(StoreError::Rejected(Refusal::NotInteger {
                 key: reply[1].clone(),
             })),
@@ -467,11 +500,12 @@ mod tests {
             &a[10..20],
             &["1", "1", "x", "1", "a", "1", "1", "n", "-2", "0"]
         );
-        assert_eq!((a.len(), a[27].as_str()), (28, "0"), "no ended marks");
+        assert_eq!((a.len(), a[27].as_str()), (30, "0"), "no ended marks");
+        assert_eq!(&a[28..], &["", ""], "no forward");
         b.check_ended = true;
         b.end = vec![(SessionId([2; 16]), 77)];
         let a = script_args(&b);
         assert_eq!(a[0], "e");
-        assert_eq!(&a[a.len() - 2..], &["1", "77"]);
+        assert_eq!(&a[a.len() - 4..], &["1", "77", "", ""]);
     }
 }
