@@ -1,4 +1,4 @@
-//! The command line: `run`, `check`, `keygen`, `demo`.
+//! The command line: `run`, `check`, `keygen`, `health`, `demo`, `sessions`.
 
 use crate::config::Config;
 use clap::{Parser, Subcommand};
@@ -54,6 +54,43 @@ enum Command {
         #[arg(long, default_value = "data")]
         data: PathBuf,
     },
+    /// Manage sessions through the running gateway's admin API
+    /// (`admin.addr` and `admin.token` from the config).
+    Sessions {
+        /// The gateway's YAML config file.
+        #[arg(short, long, value_name = "FILE", global = true)]
+        config: Option<PathBuf>,
+        /// Print the API's JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        op: SessionsOp,
+    },
+}
+
+#[derive(Subcommand)]
+enum SessionsOp {
+    /// A user's live sessions (`session.user_key`).
+    List {
+        #[arg(long)]
+        user: String,
+    },
+    /// One session's metadata and key names (never values).
+    Show {
+        id: String,
+        /// Its hash tag (Redis; listed by `list`).
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// End one session, or every session of a user.
+    Revoke {
+        #[arg(required_unless_present = "user", conflicts_with = "user")]
+        id: Option<String>,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        tag: Option<String>,
+    },
 }
 
 /// Run the CLI; returns the process exit code.
@@ -106,6 +143,165 @@ pub fn main() -> i32 {
                 1
             }
         },
+        Command::Sessions { config, json, op } => match sessions(config, json, op) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("gimlet sessions: {e}");
+                1
+            }
+        },
+    }
+}
+
+/// `gimlet sessions ...`: one admin API call, printed.
+fn sessions(config: Option<PathBuf>, json: bool, op: SessionsOp) -> Result<(), String> {
+    let file = config.ok_or("give the gateway's config with -c FILE")?;
+    let c = Config::load(&file).map_err(|e| e.to_string())?;
+    let addr = c
+        .admin
+        .ok_or("the config has no admin listener (admin.addr)")?;
+    let token = c
+        .admin_token
+        .clone()
+        .ok_or("the config has no admin.token: the session API is off")?;
+    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+    let with_tag = |path: String, tag: &Option<String>| match tag {
+        Some(t) => format!("{path}?tag={}", enc(t)),
+        None => path,
+    };
+    let (method, path) = match &op {
+        SessionsOp::List { user } => ("GET", format!("/sessions?user={}", enc(user))),
+        SessionsOp::Show { id, tag } => ("GET", with_tag(format!("/sessions/{}", enc(id)), tag)),
+        SessionsOp::Revoke {
+            id: Some(id), tag, ..
+        } => ("DELETE", with_tag(format!("/sessions/{}", enc(id)), tag)),
+        SessionsOp::Revoke { user, .. } => (
+            "DELETE",
+            format!("/sessions?user={}", enc(user.as_deref().unwrap_or(""))),
+        ),
+    };
+    let host = addr.ip().to_string();
+    let auth = format!("Bearer {token}");
+    let (status, body) = http_call(
+        method,
+        &host,
+        addr.port(),
+        &path,
+        &[("authorization", &auth)],
+    )?;
+    if json {
+        println!("{body}");
+        return if (200..300).contains(&status) {
+            Ok(())
+        } else {
+            Err(format!("the admin API answered {status}"))
+        };
+    }
+    let v: serde_json::Value = serde_json::from_str(&body)
+        .map_err(|_| format!("the admin API answered {status}: {body}"))?;
+    if !(200..300).contains(&status) {
+        return Err(format!(
+            "{status}: {}",
+            v["error"].as_str().unwrap_or(body.as_str())
+        ));
+    }
+    print!("{}", render(&op, &v));
+    Ok(())
+}
+
+/// A unix-seconds field as an RFC 3339 time.
+fn when(v: &serde_json::Value) -> String {
+    v.as_u64()
+        .map(|s| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
+            )
+            .to_string()
+        })
+        .unwrap_or_else(|| "-".into())
+}
+
+fn render(op: &SessionsOp, v: &serde_json::Value) -> String {
+    let text = |x: &serde_json::Value| x.as_str().unwrap_or("-").to_string();
+    match op {
+        SessionsOp::List { .. } => {
+            let rows: Vec<[String; 7]> = v["sessions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|s| {
+                    [
+                        text(&s["id"]),
+                        text(&s["tag"]),
+                        when(&s["created"]),
+                        when(&s["last_seen"]),
+                        when(&s["expires"]),
+                        text(&s["ip"]),
+                        text(&s["user_agent"]),
+                    ]
+                })
+                .collect();
+            let head = [
+                "ID",
+                "TAG",
+                "CREATED",
+                "LAST SEEN",
+                "EXPIRES",
+                "IP",
+                "USER AGENT",
+            ];
+            let mut width = head.map(str::len);
+            for r in &rows {
+                for (w, c) in width.iter_mut().zip(r) {
+                    *w = (*w).max(c.len());
+                }
+            }
+            let line = |cells: Vec<&str>| {
+                let mut s = cells
+                    .iter()
+                    .zip(width)
+                    .map(|(c, w)| format!("{c:<w$}"))
+                    .collect::<Vec<_>>()
+                    .join("  ");
+                s.truncate(s.trim_end().len());
+                s + "\n"
+            };
+            let mut out = line(head.to_vec());
+            for r in &rows {
+                out += &line(r.iter().map(String::as_str).collect());
+            }
+            out + &format!(
+                "{} session{}\n",
+                rows.len(),
+                if rows.len() == 1 { "" } else { "s" }
+            )
+        }
+        SessionsOp::Show { .. } => {
+            let mut out = format!(
+                "id:            {}\ntag:           {}\nended:         {}\ndata expires:  {}\n",
+                text(&v["id"]),
+                text(&v["tag"]),
+                v["ended"].as_bool().unwrap_or(false),
+                when(&v["data_expires"]),
+            );
+            if let Some(keys) = v["keys"].as_object() {
+                for (ch, names) in keys {
+                    let names: Vec<String> =
+                        names.as_array().into_iter().flatten().map(text).collect();
+                    out += &format!(
+                        "keys ({ch}):{:pad$}{}\n",
+                        "",
+                        names.join(", "),
+                        pad = 9usize.saturating_sub(ch.len())
+                    );
+                }
+            }
+            out
+        }
+        SessionsOp::Revoke { .. } => {
+            let n = v["ended"].as_u64().unwrap_or(0);
+            format!("ended {n} session{}\n", if n == 1 { "" } else { "s" })
+        }
     }
 }
 
@@ -149,34 +345,54 @@ fn health(url: &str) -> Result<u16, String> {
     let host = uri.host().ok_or("URL without a host")?.to_string();
     let port = uri.port_u16().unwrap_or(80);
     let path = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    http_call("GET", &host, port, &path, &[]).map(|(status, _)| status)
+}
+
+/// One plain-HTTP request with pingora's client, within two seconds: the
+/// status and the body (at most 1 MiB).
+fn http_call(
+    method: &str,
+    host: &str,
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u16, String), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
         let probe = async {
-            let peer = pingora::upstreams::peer::HttpPeer::new(
-                (host.as_str(), port),
-                false,
-                String::new(),
-            );
+            let peer = pingora::upstreams::peer::HttpPeer::new((host, port), false, String::new());
             let connector = pingora::connectors::http::Connector::new(None);
             let (mut s, _) = connector
                 .get_http_session(&peer)
                 .await
                 .map_err(|e| e.to_string())?;
-            let mut req = pingora::http::RequestHeader::build("GET", path.as_bytes(), None)
+            let mut req = pingora::http::RequestHeader::build(method, path.as_bytes(), None)
                 .map_err(|e| e.to_string())?;
-            req.insert_header("host", host.as_str())
-                .map_err(|e| e.to_string())?;
+            req.insert_header("host", host).map_err(|e| e.to_string())?;
+            for (n, v) in headers {
+                req.insert_header(n.to_string(), v.to_string())
+                    .map_err(|e| e.to_string())?;
+            }
             s.write_request_header(Box::new(req))
                 .await
                 .map_err(|e| e.to_string())?;
             s.finish_request_body().await.map_err(|e| e.to_string())?;
             s.read_response_header().await.map_err(|e| e.to_string())?;
-            s.response_header()
+            let status = s
+                .response_header()
                 .map(|r| r.status.as_u16())
-                .ok_or_else(|| "no response".to_string())
+                .ok_or_else(|| "no response".to_string())?;
+            let mut body = Vec::new();
+            while let Some(chunk) = s.read_response_body().await.map_err(|e| e.to_string())? {
+                body.extend_from_slice(&chunk);
+                if body.len() > 1 << 20 {
+                    return Err("the answer is too large".to_string());
+                }
+            }
+            Ok((status, String::from_utf8_lossy(&body).into_owned()))
         };
         tokio::time::timeout(std::time::Duration::from_secs(2), probe)
             .await

@@ -10,6 +10,9 @@ use crate::model::{parse_i64, valid_key, DirectiveError, DirectiveErrorKind};
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Directives {
     pub destroy: bool,
+    /// `X-Session-Destroy: user`: also end every other session of this
+    /// session's user (`session.user_key`).
+    pub destroy_user: bool,
     pub regenerate: bool,
     pub delete: Vec<String>,
     pub set: Vec<(String, String)>,
@@ -77,11 +80,23 @@ pub fn parse<'a>(
                     d.delete.push(key.to_string());
                 }
             }
+            "x-session-destroy" if value == b"user" => {
+                d.destroy = true;
+                d.destroy_user = true;
+            }
             "x-session-regenerate" | "x-session-destroy" => {
                 if value != b"1" {
+                    let accepted = if norm == "x-session-destroy" {
+                        "1 or user"
+                    } else {
+                        "1"
+                    };
                     return Err(DirectiveError::new(
                         DirectiveErrorKind::BadValue,
-                        format!("{}: the only accepted value is 1", display_name(&norm)),
+                        format!(
+                            "{}: the accepted values are {accepted}",
+                            display_name(&norm)
+                        ),
                     ));
                 }
                 if norm == "x-session-destroy" {
@@ -240,7 +255,17 @@ mod tests {
     #[test]
     fn regenerate_destroy() {
         let d = p(&[("X-Session-Destroy", "1"), ("X_SESSION_REGENERATE", "1")]).unwrap();
-        assert!(d.destroy && d.regenerate);
+        assert!(d.destroy && d.regenerate && !d.destroy_user);
+        let d = p(&[("x-session-destroy", "user")]).unwrap();
+        assert!(d.destroy && d.destroy_user);
+        assert_eq!(
+            p(&[("X-Session-Destroy", "User")]).unwrap_err().label(),
+            "bad_value"
+        );
+        assert_eq!(
+            p(&[("X-Session-Regenerate", "user")]).unwrap_err().label(),
+            "bad_value"
+        );
         assert_eq!(
             p(&[("X-Session-Destroy", "yes")]).unwrap_err().label(),
             "bad_value"

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub reload_ok_time: Gauge,
     /// Requests in flight (set when scraped).
     pub in_flight: IntGauge,
+    /// Session API calls, by operation and status.
+    pub admin_requests: IntCounterVec,
 }
 
 const LATENCY: &[f64] = &[
@@ -176,13 +178,26 @@ impl Metrics {
                 &registry,
                 IntGauge::new("gimlet_requests_in_flight", "Requests being served.").unwrap(),
             ),
+            admin_requests: counter(
+                "gimlet_admin_requests_total",
+                "Session API calls on the admin listener, by operation and status.",
+                &["op", "status"],
+            ),
             registry,
         };
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         // Pre-create the fixed label sets so that every family shows at 0.
-        for e in ["created", "regenerated", "destroyed", "expired", "followed"] {
+        for e in [
+            "created",
+            "regenerated",
+            "destroyed",
+            "expired",
+            "followed",
+            "revoked",
+            "evicted",
+        ] {
             m.sessions.with_label_values(&[e]);
         }
         for r in crate::model::Rejection::ALL {

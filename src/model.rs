@@ -23,6 +23,22 @@ impl SessionId {
         SessionId(random_bytes())
     }
 
+    /// The 32 lowercase hex digits [`SessionId::hex`] writes.
+    pub fn from_hex(s: &str) -> Option<SessionId> {
+        if s.len() != 32
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return None;
+        }
+        let mut id = [0u8; 16];
+        for (i, b) in id.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(SessionId(id))
+    }
+
     pub fn hex(&self) -> String {
         let mut s = String::with_capacity(32);
         for b in self.0 {
@@ -386,6 +402,18 @@ pub struct Settings {
     /// `session.regenerate_grace`, ms (0: off): how long a request still
     /// carrying a regenerated id is served the new session.
     pub regenerate_grace: u64,
+    /// `session.user_key`, `session.max_per_user`, `session.track`.
+    pub users: Option<UserPolicy>,
+}
+
+/// Per-user sessions: which key names the owner, how many sessions a user
+/// may have, and what the index records about each.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserPolicy {
+    pub key: String,
+    pub max_per_user: Option<usize>,
+    pub track_ip: bool,
+    pub track_user_agent: bool,
 }
 
 /// `home` first, then the others in a fixed order.

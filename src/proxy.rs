@@ -80,6 +80,11 @@ pub struct Ctx {
     /// Who the client is, for a regenerate grace: set only when needed
     /// ([`Ctx::bind_client`]).
     client: String,
+    /// `session.track`: what the user's index records (set only then).
+    tracked_ip: Option<String>,
+    tracked_ua: Option<String>,
+    /// Sessions `session.max_per_user` pushed out by this response's login.
+    evicted: Vec<crate::store::UserSession>,
     forward: Forward,
     directives: Option<std::result::Result<Directives, DirectiveError>>,
     upstream_start: Option<Instant>,
@@ -113,6 +118,8 @@ impl Ctx {
             https: self.https,
             now: self.now,
             client: &self.client,
+            ip: self.tracked_ip.as_deref(),
+            user_agent: self.tracked_ua.as_deref(),
         }
     }
 }
@@ -395,7 +402,49 @@ impl Gateway {
         };
         ctx.store_round_trips += 1;
         let timeout = ctx.state.config.store.timeout;
-        Some(self.timed("write", timeout, store.write(b)).await)
+        let written = self.timed("write", timeout, store.write(b)).await;
+        Some(written.map(|w| {
+            ctx.evicted = w.evicted;
+        }))
+    }
+
+    /// After a committed write: end the sessions a login pushed past
+    /// `session.max_per_user`, and on `X-Session-Destroy: user` every other
+    /// session of the user (their own round trips, on these paths only).
+    async fn end_others(&self, ctx: &mut Ctx, o: &Outcome) -> std::result::Result<(), StoreError> {
+        let Some(store) = &self.shared.store else {
+            return Ok(());
+        };
+        let timeout = ctx.state.config.store.timeout;
+        let m = &self.shared.metrics;
+        let evicted: Vec<_> = std::mem::take(&mut ctx.evicted)
+            .iter()
+            .filter_map(|e| e.key().map(|k| (k, e.expires)))
+            .collect();
+        if !evicted.is_empty() {
+            ctx.store_round_trips += 1;
+            self.timed("write", timeout, store.end(&evicted, None))
+                .await?;
+            m.sessions
+                .with_label_values(&["evicted"])
+                .inc_by(evicted.len() as u64);
+        }
+        if let Some(user) = &o.end_user {
+            ctx.store_round_trips += 2;
+            let all = self
+                .timed("read", timeout, store.user_sessions(user))
+                .await?;
+            let keys: Vec<_> = all
+                .iter()
+                .filter_map(|e| e.key().map(|k| (k, e.expires)))
+                .collect();
+            self.timed("write", timeout, store.end(&keys, Some(user)))
+                .await?;
+            m.sessions
+                .with_label_values(&["revoked"])
+                .inc_by(keys.len() as u64);
+        }
+        Ok(())
     }
 
     /// Count what a response applied and add its cookies (and the caching
@@ -536,6 +585,9 @@ impl ProxyHttp for Gateway {
             session: Session::default(),
             client_ip: None,
             client: String::new(),
+            tracked_ip: None,
+            tracked_ua: None,
+            evicted: Vec::new(),
             forward: Forward::default(),
             directives: None,
             upstream_start: None,
@@ -557,7 +609,22 @@ impl ProxyHttp for Gateway {
             return answer(session, &LocalAnswer::text(400, body)).await;
         }
         match exchange::open(&state, incoming(session, ctx.now)) {
-            Ok(o) => self.opened(ctx, o),
+            Ok(o) => {
+                self.opened(ctx, o);
+                if let Some(u) = &state.config.session.settings.users {
+                    let req = session.req_header();
+                    if u.track_ip {
+                        ctx.tracked_ip = ctx.client_ip.map(|ip| ip.to_string());
+                    }
+                    if u.track_user_agent {
+                        ctx.tracked_ua = req
+                            .headers
+                            .get(http::header::USER_AGENT)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string);
+                    }
+                }
+            }
             Err(a) => return answer(session, &a).await,
         }
         let route = &state.router.routes()[ctx.route.expect("opened")];
@@ -684,7 +751,15 @@ impl ProxyHttp for Gateway {
             outcome = apply(ctx);
             write = self.write(ctx, &outcome).await;
         }
-        match exchange::settle(outcome, write, state.config.store.on_error) {
+        let mut commit = exchange::settle(outcome, write, state.config.store.on_error);
+        if let Commit::Applied(o) = &commit {
+            if let Err(e) = self.end_others(ctx, o).await {
+                // The user's other sessions live on: never report that done.
+                tracing::warn!(route = %route.cfg.name, error = %e, "ending a user's sessions failed");
+                commit = Commit::Unavailable(e);
+            }
+        }
+        match commit {
             Commit::Applied(o) => self.send_cookies(resp, ctx, o),
             refused => self.refuse(ctx, route, refused),
         }

@@ -46,6 +46,8 @@ pub struct Config {
     pub file: PathBuf,
     pub listen: Vec<Listener>,
     pub admin: Option<SocketAddr>,
+    /// `admin.token`: the session admin API is on when set. Never logged.
+    pub admin_token: Option<String>,
     pub trusted_proxies: Vec<IpNet>,
     pub log: LogConfig,
     pub session: SessionConfig,
@@ -233,6 +235,21 @@ fn build(raw: RawConfig, file: &Path, base: &Path, e: &mut Errors) -> Config {
         .admin
         .as_ref()
         .and_then(|a| e.addr("admin.addr", &a.addr));
+    let admin_token = raw
+        .admin
+        .as_ref()
+        .and_then(|a| a.token.as_ref())
+        .and_then(|t| session::read_secret(e, "admin.token", t, base))
+        .filter(|t| {
+            let n = t.chars().count();
+            if n < 16 {
+                e.add(
+                    "admin.token",
+                    format!("token has {n} characters, at least 16 are needed (generate one with `gimlet keygen`)"),
+                );
+            }
+            n >= 16
+        });
 
     let trusted_proxies = raw
         .trusted_proxies
@@ -302,6 +319,7 @@ fn build(raw: RawConfig, file: &Path, base: &Path, e: &mut Errors) -> Config {
         file: file.to_path_buf(),
         listen,
         admin,
+        admin_token,
         trusted_proxies,
         log,
         session,
@@ -605,7 +623,7 @@ mod tests {
             ("session:\n  secrets: \"{S}\"\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "session.secrets: invalid type: a string, expected a sequence (line 2)"),
             ("session:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n    upstreams: [nope]\n", "routes[0].upstreams[0]: `nope` is not host:port (line 5)"),
             ("session:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n    match: { path_prefx: /a }\n    upstreams: [a:1]\n", "routes[0].match.path_prefx: unknown field, did you mean path_prefix? (line 5)"),
-            ("session:\n  secrets: [\"{S}\"]\n  zzz: 1\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "session.zzz: unknown field (known: secrets, encrypt, cookie, lifetime, idle_timeout, touch_interval, undeclared_keys, keys, limits, dev_insecure, revocation, regenerate_grace) (line 3)"),
+            ("session:\n  secrets: [\"{S}\"]\n  zzz: 1\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "session.zzz: unknown field (known: secrets, encrypt, cookie, lifetime, idle_timeout, touch_interval, undeclared_keys, keys, limits, dev_insecure, revocation, regenerate_grace, user_key, max_per_user, track) (line 3)"),
         ];
         let mut wrong = Vec::new();
         for (yaml, want) in cases {

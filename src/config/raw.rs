@@ -126,6 +126,8 @@ pub(super) struct RawTls {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAdmin {
     pub(super) addr: Str,
+    /// Turns on the session admin API (`${ENV}` / `file:` like secrets).
+    pub(super) token: Option<Str>,
 }
 
 #[derive(Deserialize, Default)]
@@ -156,6 +158,18 @@ pub(super) struct RawSession {
     #[serde(default)]
     pub(super) revocation: bool,
     pub(super) regenerate_grace: Option<Str>,
+    pub(super) user_key: Option<String>,
+    pub(super) max_per_user: Option<usize>,
+    #[serde(default)]
+    pub(super) track: Vec<Track>,
+}
+
+/// What `session.track` may record per session in its user's index.
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum Track {
+    Ip,
+    UserAgent,
 }
 
 pub(super) fn yes() -> bool {

@@ -26,22 +26,8 @@ pub(super) fn build_session(
     }
     for (i, s) in raw.secrets.iter().enumerate() {
         let field = format!("session.secrets[{i}]");
-        let s = e.text(&field, s);
-        let value = match s.strip_prefix("file:") {
-            Some(path) => match std::fs::read_to_string(resolve(base, path.trim())) {
-                Ok(v) => {
-                    let v = v.strip_suffix('\n').unwrap_or(&v);
-                    v.strip_suffix('\r').unwrap_or(v).to_string()
-                }
-                Err(err) => {
-                    e.add(
-                        field,
-                        format!("cannot read secret file {}: {err}", path.trim()),
-                    );
-                    continue;
-                }
-            },
-            None => s,
+        let Some(value) = read_secret(e, &field, s, base) else {
+            continue;
         };
         // The length is fine to report; the secret never is.
         let n = value.chars().count();
@@ -217,6 +203,38 @@ pub(super) fn build_session(
         );
     }
 
+    let users = match &raw.user_key {
+        Some(k) => {
+            if !crate::model::valid_key(k) {
+                e.add("session.user_key", "is not a valid key name");
+            }
+            if !raw.revocation {
+                e.add(
+                    "session.user_key",
+                    "needs session.revocation: true (ending a user's sessions must reach the ones whose keys live in the cookie)",
+                );
+            }
+            if raw.max_per_user == Some(0) {
+                e.add("session.max_per_user", "must be at least 1");
+            }
+            Some(crate::model::UserPolicy {
+                key: k.clone(),
+                max_per_user: raw.max_per_user,
+                track_ip: raw.track.contains(&super::raw::Track::Ip),
+                track_user_agent: raw.track.contains(&super::raw::Track::UserAgent),
+            })
+        }
+        None => {
+            if raw.max_per_user.is_some() {
+                e.add("session.max_per_user", "needs session.user_key");
+            }
+            if !raw.track.is_empty() {
+                e.add("session.track", "needs session.user_key");
+            }
+            None
+        }
+    };
+
     let l = &raw.limits;
     let d = Limits::default();
     let limits = Limits {
@@ -263,6 +281,30 @@ pub(super) fn build_session(
             revocation: raw.revocation,
             // Without a store there is nowhere to keep the forward.
             regenerate_grace: if has_store { ms(grace) } else { 0 },
+            users,
         },
+    }
+}
+
+/// A secret as written: `${VAR}` expanded, `file:PATH` read (one trailing
+/// newline dropped). `None` after recording why not; the value is never
+/// part of an error.
+pub(super) fn read_secret(e: &mut Errors, field: &str, raw: &str, base: &Path) -> Option<String> {
+    let s = e.text(field, raw);
+    match s.strip_prefix("file:") {
+        Some(path) => match std::fs::read_to_string(resolve(base, path.trim())) {
+            Ok(v) => {
+                let v = v.strip_suffix('\n').unwrap_or(&v);
+                Some(v.strip_suffix('\r').unwrap_or(v).to_string())
+            }
+            Err(err) => {
+                e.add(
+                    field.to_string(),
+                    format!("cannot read secret file {}: {err}", path.trim()),
+                );
+                None
+            }
+        },
+        None => Some(s),
     }
 }

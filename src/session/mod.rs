@@ -166,5 +166,6 @@ fn test_settings(
         dev_insecure: false,
         revocation: false,
         regenerate_grace: 0,
+        users: None,
     }
 }

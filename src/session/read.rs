@@ -171,7 +171,9 @@ impl Session {
                 KeySet::All => true,
                 KeySet::None => false,
                 KeySet::Only(keys) => keys.iter().any(|k| could_hold(k)),
-            } || extra.iter().any(|k| could_hold(k));
+            } || extra.iter().any(|k| could_hold(k))
+                // Who owns the session is needed to keep its user's index.
+                || settings.users.as_ref().is_some_and(|u| could_hold(&u.key));
             if needed {
                 set.insert(ch);
             }

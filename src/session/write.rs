@@ -13,7 +13,9 @@ use crate::model::{
     channel_order, random_tag, Channel, DirectiveError, DirectiveErrorKind, Flags, KeySet, Meta,
     Payload, PerChannel, Policy, SessionId, Settings, CHANNELS,
 };
-use crate::store::{ChannelWrite, LimitCheck, StoreKey, WriteBatch};
+use crate::store::{
+    user_hash, ChannelWrite, LimitCheck, StoreKey, UserSession, UserWrite, WriteBatch,
+};
 use std::collections::BTreeMap;
 
 /// What `apply` needs besides the session.
@@ -29,6 +31,10 @@ pub struct WriteContext<'a> {
     /// [`super::client_bind`] of the request: a Regenerate's grace is
     /// bound to it.
     pub client: &'a str,
+    /// `session.track`: the client's address and `User-Agent` (`None`
+    /// when not tracked).
+    pub ip: Option<&'a str>,
+    pub user_agent: Option<&'a str>,
 }
 
 /// How one of our cookies changes in the response.
@@ -79,6 +85,9 @@ pub struct Outcome {
     pub applied: Applied,
     /// The session after the response (for the access log).
     pub meta: Option<Meta>,
+    /// `X-Session-Destroy: user`: end every session of this user (its
+    /// hashed name) once the write succeeded.
+    pub end_user: Option<String>,
 }
 
 impl Outcome {
@@ -123,6 +132,8 @@ struct Work {
     /// The cookies sealed for the response (name, value): after a
     /// Regenerate, what a request still carrying the old id continues with.
     sealed: Vec<(Channel, String)>,
+    /// `X-Session-Destroy: user`.
+    destroy_user: bool,
     out: Outcome,
 }
 
@@ -145,6 +156,7 @@ impl Work {
             end: Vec::new(),
             revocation: settings.revocation,
             sealed: Vec::new(),
+            destroy_user: false,
             out: Outcome::default(),
         };
         // A session that went idle on this request: its data goes and its
@@ -397,6 +409,24 @@ impl Work {
         }
     }
 
+    /// The value of `key` after this response, as far as it is known.
+    fn value(&self, key: &str) -> Option<String> {
+        CHANNELS
+            .iter()
+            .find_map(|ch| self.vals[*ch].get(key))
+            .or_else(|| {
+                CHANNELS.iter().find_map(|ch| {
+                    self.ops[*ch]
+                        .set
+                        .iter()
+                        .find(|(k, _)| k == key)
+                        .map(|(_, v)| v)
+                        .or_else(|| self.stored[*ch].as_ref().and_then(|m| m.get(key)))
+                })
+            })
+            .cloned()
+    }
+
     /// Current value of `key` outside the store's unread data.
     fn known_value(&self, key: &str, home: Channel) -> Option<String> {
         let order = channel_order(home);
@@ -431,6 +461,7 @@ impl Session {
         }
         self.validate(d, cx)?;
         let mut w = Work::new(self, s);
+        w.destroy_user = d.destroy_user;
         if d.destroy {
             w.destroy();
         }
@@ -468,6 +499,12 @@ impl Session {
         if self.unchecked && !d.is_empty() {
             return Err(err(DirectiveErrorKind::StoreUnavailable,
                 "the session store is unavailable, so session.revocation cannot tell whether this session is live".to_string(),
+            ));
+        }
+        if d.destroy_user && s.users.is_none() {
+            return Err(err(
+                DirectiveErrorKind::BadValue,
+                "X-Session-Destroy: user needs session.user_key".to_string(),
             ));
         }
         if (d.destroy || d.regenerate) && cx.write.is_none() {
@@ -678,8 +715,15 @@ impl Session {
         touch: bool,
         limits: Option<LimitCheck>,
     ) -> Result<Outcome, DirectiveError> {
+        let (users, force) = self.user_writes(cx, &w);
         let mut out = std::mem::take(&mut w.out);
         out.meta = w.meta;
+        if w.destroy_user {
+            out.end_user = users.iter().find_map(|u| match u {
+                UserWrite::Leave { user, .. } => Some(user.clone()),
+                UserWrite::Join { .. } => None,
+            });
+        }
         for ch in CHANNELS {
             match w.meta {
                 Some(m) => {
@@ -702,8 +746,68 @@ impl Session {
                 None => {}
             }
         }
-        out.batch = self.plan_batch(cx, w, touch, limits);
+        out.batch = self.plan_batch(cx, w, touch, force, limits);
+        if let Some(b) = &mut out.batch {
+            b.users = users;
+        }
         Ok(out)
+    }
+
+    /// `session.user_key`: how this response changes its users' indexes,
+    /// and whether that alone needs a store write (a login, a logout, a
+    /// Regenerate; a plain refresh of "last seen" rides on a write that
+    /// happens anyway).
+    fn user_writes(&self, cx: &WriteContext, w: &Work) -> (Vec<UserWrite>, bool) {
+        let Some(p) = &cx.settings.users else {
+            return (Vec::new(), false);
+        };
+        let before = self
+            .meta
+            .and_then(|m| self.get(&p.key, cx.settings).map(|u| (m, u.to_string())));
+        let after = w.meta.and_then(|m| w.value(&p.key).map(|u| (m, u)));
+        let entry = |m: &Meta| UserSession {
+            id: m.id.hex(),
+            tag: m.tag,
+            created: m.created,
+            seen: cx.now,
+            expires: m.expires,
+            ip: cx.ip.filter(|_| p.track_ip).map(str::to_string),
+            user_agent: cx
+                .user_agent
+                .filter(|_| p.track_user_agent)
+                .map(|ua| ua.chars().take(256).collect()),
+        };
+        let mut out = Vec::new();
+        match (&before, &after) {
+            (Some((bm, bu)), Some((am, au))) if bu == au => {
+                let moved = bm.id != am.id;
+                out.push(UserWrite::Join {
+                    user: user_hash(au),
+                    entry: entry(am),
+                    replaces: moved.then_some(bm.id),
+                    max: None,
+                });
+                (out, moved)
+            }
+            _ => {
+                if let Some((bm, bu)) = &before {
+                    out.push(UserWrite::Leave {
+                        user: user_hash(bu),
+                        id: bm.id,
+                    });
+                }
+                if let Some((am, au)) = &after {
+                    out.push(UserWrite::Join {
+                        user: user_hash(au),
+                        entry: entry(am),
+                        replaces: None,
+                        max: p.max_per_user,
+                    });
+                }
+                let changed = !out.is_empty();
+                (out, changed)
+            }
+        }
     }
 
     /// One channel's `Set-Cookie` line.
@@ -744,6 +848,7 @@ impl Session {
         cx: &WriteContext,
         w: Work,
         touch: bool,
+        force: bool,
         limits: Option<LimitCheck>,
     ) -> Option<WriteBatch> {
         let store_touch =
@@ -753,6 +858,7 @@ impl Session {
             || w.rename_from.is_some()
             || w.destroy.is_some()
             || store_touch
+            || force
             || limits.is_some();
         let check_ended = cx.settings.revocation;
         let grace = cx.settings.regenerate_grace;
@@ -894,6 +1000,8 @@ mod tests {
                 https: false,
                 now,
                 client: "c",
+                ip: None,
+                user_agent: None,
             }
         }
 

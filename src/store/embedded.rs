@@ -1,7 +1,7 @@
 //! `store.kind: embedded` (the default): a redb file on local disk that
 //! survives restarts. One node.
 //!
-//! Layout (six tables):
+//! Layout (seven tables):
 //! - `data`:    id(16) | channel(1) | key  ->  value
 //! - `session`: id(16)                     ->  expire_at (ms, u64)
 //! - `expiry`:  expire_at(8, BE) | id(16)  ->  ()       (sweep index)
@@ -9,6 +9,7 @@
 //! - `ended_expiry`: until(8, BE) | id(16) ->  ()       (sweep index)
 //! - `moved`:   id(16)                     ->  until(8, BE) | new cookies
 //!   (regenerate grace; few and short-lived, swept by a scan)
+//! - `users`:   user hash | 0 | id(16)     ->  entry (JSON; `session.user_key`)
 //!
 //! redb calls block, so they never run on the proxy's runtime: reads go to
 //! the blocking pool, and every write goes to one writer thread that commits
@@ -25,10 +26,13 @@
 //! cache hit also answers the revocation check; a session without store data
 //! is cached as an empty record once checked.
 
-use super::{Check, Read, Record, SessionStore, StoreError, StoreKey, WriteBatch};
+use super::{
+    join_index, Check, Inspected, Read, Record, SessionStore, StoreError, StoreKey, UserSession,
+    UserWrite, WriteBatch, Written,
+};
 use crate::model::{ChannelSet, SessionId, CHANNELS};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -41,6 +45,7 @@ const EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("expiry");
 const ENDED: TableDefinition<&[u8], u64> = TableDefinition::new("ended");
 const ENDED_EXPIRY: TableDefinition<&[u8], ()> = TableDefinition::new("ended_expiry");
 const MOVED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("moved");
+const USERS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("users");
 
 /// Batches committed in one transaction at most.
 const GROUP: usize = 256;
@@ -50,10 +55,12 @@ const NEGATIVE_TTL_MS: u64 = 60_000;
 /// How often expired sessions are deleted.
 const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
-type Reply = oneshot::Sender<Result<(), StoreError>>;
+type Reply = oneshot::Sender<Result<Written, StoreError>>;
 
 enum Msg {
     Write(Box<WriteBatch>, Reply),
+    /// End these sessions (admin API, Destroy of a user, eviction).
+    End(Vec<(StoreKey, u64)>, Option<String>, Reply),
     Sweep(oneshot::Sender<Result<usize, StoreError>>),
 }
 
@@ -169,6 +176,7 @@ impl EmbeddedStore {
             txn.open_table(ENDED)?;
             txn.open_table(ENDED_EXPIRY)?;
             txn.open_table(MOVED)?;
+            txn.open_table(USERS)?;
             txn.commit()?;
             Ok(())
         };
@@ -188,6 +196,16 @@ impl EmbeddedStore {
             path: path.to_path_buf(),
             cache,
         })
+    }
+
+    /// Hand the writer a message and wait for its answer.
+    async fn send(&self, msg: impl FnOnce(Reply) -> Msg) -> Result<Written, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(msg(tx))
+            .map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?;
+        rx.await
+            .map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?
     }
 
     pub fn path(&self) -> &Path {
@@ -307,7 +325,7 @@ fn apply(
     b: &WriteBatch,
     now: u64,
     updates: &mut CacheUpdates,
-) -> Result<Result<(), StoreError>, redb::Error> {
+) -> Result<Result<Written, StoreError>, redb::Error> {
     let mut data = txn.open_table(DATA)?;
     let mut session = txn.open_table(SESSION)?;
     let mut expiry = txn.open_table(EXPIRY)?;
@@ -349,12 +367,13 @@ fn apply(
         v.extend_from_slice(h.as_bytes());
         txn.open_table(MOVED)?.insert(&from.0[..], &v[..])?;
     }
+    let written = apply_users(txn, &b.users, now)?;
     if let Some(d) = b.destroy {
         delete_session(&mut data, &mut session, &mut expiry, &d.id)?;
         updates.push((d.id, None));
     }
     if b.destroy_only() {
-        return Ok(Ok(()));
+        return Ok(Ok(written));
     }
     if let Some(from) = b.rename_from {
         updates.push((from, None));
@@ -392,7 +411,106 @@ fn apply(
         expiry.insert(&expiry_key(b.expire_at, id)[..], ())?;
     }
     updates.push((*id, Some((Arc::new(after), b.expire_at))));
-    Ok(Ok(()))
+    Ok(Ok(written))
+}
+
+fn user_key(user: &str, id: &SessionId) -> Vec<u8> {
+    let mut k = user.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&id.0);
+    k
+}
+
+/// One user's index, as an id -> entry map.
+fn user_index(
+    users: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    user: &str,
+) -> Result<BTreeMap<String, UserSession>, redb::Error> {
+    let mut lo = user.as_bytes().to_vec();
+    lo.push(0);
+    let mut hi = user.as_bytes().to_vec();
+    hi.push(1);
+    let mut out = BTreeMap::new();
+    for item in users.range::<&[u8]>(&lo[..]..&hi[..])? {
+        let (_, v) = item?;
+        if let Some(e) = std::str::from_utf8(v.value())
+            .ok()
+            .and_then(UserSession::decode)
+        {
+            out.insert(e.id.clone(), e);
+        }
+    }
+    Ok(out)
+}
+
+fn apply_users(
+    txn: &redb::WriteTransaction,
+    writes: &[UserWrite],
+    now: u64,
+) -> Result<Written, redb::Error> {
+    let mut written = Written::default();
+    if writes.is_empty() {
+        return Ok(written);
+    }
+    let mut users = txn.open_table(USERS)?;
+    for u in writes {
+        match u {
+            UserWrite::Leave { user, id } => {
+                users.remove(&user_key(user, id)[..])?;
+            }
+            UserWrite::Join {
+                user,
+                entry,
+                replaces,
+                max,
+            } => {
+                let before = user_index(&users, user)?;
+                let mut index = before.clone();
+                written
+                    .evicted
+                    .extend(join_index(&mut index, entry, replaces.as_ref(), *max, now));
+                for id in before.keys().filter(|id| !index.contains_key(*id)) {
+                    if let Some(id) = SessionId::from_hex(id) {
+                        users.remove(&user_key(user, &id)[..])?;
+                    }
+                }
+                if let Some(id) = SessionId::from_hex(&entry.id) {
+                    users.insert(&user_key(user, &id)[..], entry.encode().as_bytes())?;
+                }
+            }
+        }
+    }
+    Ok(written)
+}
+
+/// End sessions inside the writer's transaction.
+fn end(
+    txn: &redb::WriteTransaction,
+    sessions: &[(StoreKey, u64)],
+    user: Option<&str>,
+    updates: &mut CacheUpdates,
+) -> Result<(), redb::Error> {
+    let mut data = txn.open_table(DATA)?;
+    let mut session = txn.open_table(SESSION)?;
+    let mut expiry = txn.open_table(EXPIRY)?;
+    let mut ended = txn.open_table(ENDED)?;
+    let mut index = txn.open_table(ENDED_EXPIRY)?;
+    let mut moved = txn.open_table(MOVED)?;
+    let mut users = txn.open_table(USERS)?;
+    for (key, until) in sessions {
+        let id = &key.id;
+        delete_session(&mut data, &mut session, &mut expiry, id)?;
+        moved.remove(&id.0[..])?;
+        if let Some(old) = ended.insert(&id.0[..], *until)?.map(|g| g.value()) {
+            index.remove(&expiry_key(old, id)[..])?;
+        }
+        index.insert(&expiry_key(*until, id)[..], ())?;
+        if let Some(u) = user {
+            users.remove(&user_key(u, id)[..])?;
+        }
+        updates.push((*id, None));
+    }
+    Ok(())
 }
 
 fn sweep(txn: &redb::WriteTransaction, now: u64) -> Result<usize, redb::Error> {
@@ -453,7 +571,7 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Msg>, cache: Arc<Cache>) {
             continue;
         }
         let now = crate::model::now_ms();
-        let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(msgs.len());
+        let mut results: Vec<Result<Written, StoreError>> = Vec::with_capacity(msgs.len());
         let mut updates = CacheUpdates::new();
         let mut swept = 0;
         let mut run = || -> Result<(), redb::Error> {
@@ -461,9 +579,13 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Msg>, cache: Arc<Cache>) {
             for m in &msgs {
                 match m {
                     Msg::Write(b, _) => results.push(apply(&txn, b, now, &mut updates)?),
+                    Msg::End(sessions, user, _) => {
+                        end(&txn, sessions, user.as_deref(), &mut updates)?;
+                        results.push(Ok(Written::default()));
+                    }
                     Msg::Sweep(_) => {
                         swept += sweep(&txn, now)?;
-                        results.push(Ok(()));
+                        results.push(Ok(Written::default()));
                     }
                 }
             }
@@ -487,11 +609,11 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Msg>, cache: Arc<Cache>) {
         }
         for (i, m) in msgs.into_iter().enumerate() {
             let r = match &outcome {
-                Ok(()) => results.get(i).cloned().unwrap_or(Ok(())),
+                Ok(()) => results.get(i).cloned().unwrap_or(Ok(Written::default())),
                 Err(e) => Err(StoreError::Unavailable(format!("embedded store: {e}"))),
             };
             match m {
-                Msg::Write(_, reply) => {
+                Msg::Write(_, reply) | Msg::End(_, _, reply) => {
                     let _ = reply.send(r);
                 }
                 Msg::Sweep(reply) => {
@@ -554,13 +676,75 @@ impl SessionStore for EmbeddedStore {
         })
     }
 
-    async fn write(&self, batch: &WriteBatch) -> Result<(), StoreError> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Msg::Write(Box::new(batch.clone()), tx))
-            .map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?;
-        rx.await
-            .map_err(|_| StoreError::Unavailable("the store writer stopped".into()))?
+    async fn write(&self, batch: &WriteBatch) -> Result<Written, StoreError> {
+        self.send(|tx| Msg::Write(Box::new(batch.clone()), tx))
+            .await
+    }
+
+    async fn user_sessions(&self, user: &str) -> Result<Vec<UserSession>, StoreError> {
+        let db = self.db.clone();
+        let user = user.to_string();
+        let now = crate::model::now_ms();
+        tokio::task::spawn_blocking(move || -> Result<Vec<UserSession>, redb::Error> {
+            let txn = db.begin_read()?;
+            let ended = txn.open_table(ENDED)?;
+            let mut out = Vec::new();
+            for e in user_index(&txn.open_table(USERS)?, &user)?.into_values() {
+                let Some(k) = e.key() else { continue };
+                if e.expires > now && !is_ended(&ended, &k.id, now)? {
+                    out.push(e);
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("embedded store: {e}")))?
+        .map_err(unavailable)
+    }
+
+    async fn end(
+        &self,
+        sessions: &[(StoreKey, u64)],
+        user: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let (sessions, user) = (sessions.to_vec(), user.map(str::to_string));
+        self.send(|tx| Msg::End(sessions, user, tx))
+            .await
+            .map(|_| ())
+    }
+
+    async fn inspect(
+        &self,
+        id: &SessionId,
+        tag: Option<u32>,
+    ) -> Result<Option<Inspected>, StoreError> {
+        let db = self.db.clone();
+        let id = *id;
+        let now = crate::model::now_ms();
+        tokio::task::spawn_blocking(move || -> Result<Option<Inspected>, redb::Error> {
+            let txn = db.begin_read()?;
+            let ended = is_ended(&txn.open_table(ENDED)?, &id, now)?;
+            let (rec, expires) = read_record(
+                &txn.open_table(DATA)?,
+                &txn.open_table(SESSION)?,
+                &id,
+                ChannelSet::ALL,
+                now,
+            )?;
+            if expires <= now && !ended {
+                return Ok(None);
+            }
+            Ok(Some(Inspected {
+                id: id.hex(),
+                tag: tag.unwrap_or(0),
+                data_expires: (expires > now).then_some(expires),
+                keys: rec.key_names(),
+                ended,
+            }))
+        })
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("embedded store: {e}")))?
+        .map_err(unavailable)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -1,9 +1,12 @@
 //! `store.kind: memory`: sessions in a process-local map (tests, demos).
 //! Lost on restart; expired records are dropped on access and by a sweep.
 
-use super::{Check, Read, Record, Refusal, SessionStore, StoreError, StoreKey, WriteBatch};
+use super::{
+    join_index, Check, Inspected, Read, Record, Refusal, SessionStore, StoreError, StoreKey,
+    UserSession, UserWrite, WriteBatch, Written,
+};
 use crate::model::{ChannelSet, SessionId};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 #[derive(Default)]
@@ -14,6 +17,8 @@ struct Maps {
     ended: HashMap<SessionId, u64>,
     /// Regenerated ids within the grace: until (ms), the new cookies.
     moved: HashMap<SessionId, (u64, String)>,
+    /// Users' indexes: user hash -> id -> entry.
+    users: HashMap<String, BTreeMap<String, UserSession>>,
 }
 
 impl Maps {
@@ -48,6 +53,10 @@ impl MemoryStore {
         m.records.retain(|_, (_, exp)| *exp > now);
         m.ended.retain(|_, until| *until > now);
         m.moved.retain(|_, (until, _)| *until > now);
+        for index in m.users.values_mut() {
+            index.retain(|_, e| e.expires > now);
+        }
+        m.users.retain(|_, index| !index.is_empty());
         before - m.records.len()
     }
 
@@ -83,7 +92,7 @@ impl SessionStore for MemoryStore {
         })
     }
 
-    async fn write(&self, b: &WriteBatch) -> Result<(), StoreError> {
+    async fn write(&self, b: &WriteBatch) -> Result<Written, StoreError> {
         let now = crate::model::now_ms();
         let mut guard = self.maps.lock().unwrap();
         let m = &mut *guard;
@@ -131,7 +140,82 @@ impl SessionStore for MemoryStore {
         if let (Some(from), Some((h, until))) = (b.rename_from, &b.forward) {
             m.moved.insert(from, (*until, h.clone()));
         }
+        let mut written = Written::default();
+        for u in &b.users {
+            match u {
+                UserWrite::Leave { user, id } => {
+                    if let Some(index) = m.users.get_mut(user) {
+                        index.remove(&id.hex());
+                    }
+                }
+                UserWrite::Join {
+                    user,
+                    entry,
+                    replaces,
+                    max,
+                } => {
+                    let index = m.users.entry(user.clone()).or_default();
+                    written
+                        .evicted
+                        .extend(join_index(index, entry, replaces.as_ref(), *max, now));
+                }
+            }
+        }
+        Ok(written)
+    }
+
+    async fn user_sessions(&self, user: &str) -> Result<Vec<UserSession>, StoreError> {
+        let now = crate::model::now_ms();
+        let m = self.maps.lock().unwrap();
+        Ok(m.users.get(user).map_or_else(Vec::new, |index| {
+            index
+                .values()
+                .filter(|e| e.expires > now)
+                .filter(|e| e.key().is_some_and(|k| !m.is_ended(&k.id, now)))
+                .cloned()
+                .collect()
+        }))
+    }
+
+    async fn end(
+        &self,
+        sessions: &[(StoreKey, u64)],
+        user: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let mut m = self.maps.lock().unwrap();
+        for (key, until) in sessions {
+            m.records.remove(&key.id);
+            m.moved.remove(&key.id);
+            m.ended.insert(key.id, *until);
+            if let Some(index) = user.and_then(|u| m.users.get_mut(u)) {
+                index.remove(&key.id.hex());
+            }
+        }
         Ok(())
+    }
+
+    async fn inspect(
+        &self,
+        id: &SessionId,
+        _tag: Option<u32>,
+    ) -> Result<Option<Inspected>, StoreError> {
+        let now = crate::model::now_ms();
+        let m = self.maps.lock().unwrap();
+        let ended = m.is_ended(id, now);
+        let Some((rec, exp)) = m.records.get(id).filter(|(_, exp)| *exp > now) else {
+            return Ok(ended.then(|| Inspected {
+                id: id.hex(),
+                ended,
+                ..Default::default()
+            }));
+        };
+        Ok(Some(Inspected {
+            id: id.hex(),
+            tag: 0,
+            data_expires: Some(*exp),
+            keys: rec.key_names(),
+            ended,
+        }))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -37,6 +37,120 @@ impl From<crate::model::Meta> for StoreKey {
 /// Server-side values per channel; `None` for channels not read.
 pub type Loaded = [Option<BTreeMap<String, String>>; 4];
 
+/// A user's name as the stores key it (`session.user_key`): a SHA-256
+/// prefix, so a name of any length or bytes is a fixed, safe key part.
+pub fn user_hash(name: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(name.as_bytes())[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// One session in its user's index (`session.user_key`): never values.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UserSession {
+    /// 32 hex digits.
+    pub id: String,
+    pub tag: u32,
+    /// ms since the epoch.
+    pub created: u64,
+    /// When a write last touched the session (login, regenerate, touch).
+    pub seen: u64,
+    /// Absolute expiry.
+    pub expires: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
+}
+
+impl UserSession {
+    pub fn key(&self) -> Option<StoreKey> {
+        Some(StoreKey {
+            id: SessionId::from_hex(&self.id)?,
+            tag: self.tag,
+        })
+    }
+
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("plain data serializes")
+    }
+
+    pub fn decode(s: &str) -> Option<UserSession> {
+        serde_json::from_str(s).ok()
+    }
+}
+
+/// A batch's change to a user's index ([`user_hash`]ed name).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UserWrite {
+    /// Add (or refresh) the session, dropping `replaces` (a Regenerate's
+    /// old id); with `max`, the oldest sessions beyond it leave the index
+    /// and are returned as [`Written::evicted`] for the gateway to end.
+    Join {
+        user: String,
+        entry: UserSession,
+        replaces: Option<SessionId>,
+        max: Option<usize>,
+    },
+    /// The session no longer belongs to this user (Destroy, another user).
+    Leave { user: String, id: SessionId },
+}
+
+/// What a successful write reports.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Sessions `session.max_per_user` pushed out of their user's index.
+    pub evicted: Vec<UserSession>,
+}
+
+/// What `GET /sessions/{id}` shows: metadata and key names, never values.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Inspected {
+    pub id: String,
+    pub tag: u32,
+    /// The store data's expiry (ms), if it holds any.
+    pub data_expires: Option<u64>,
+    /// Key names per channel (`p`, `t`, `sp`, `st`) with server-side data.
+    pub keys: BTreeMap<&'static str, Vec<String>>,
+    /// Remembered as ended (`session.revocation`).
+    pub ended: bool,
+}
+
+/// A join to one user's index (id -> entry), the reference semantics
+/// every backend follows: drop `replaces`, upsert, prune expired entries,
+/// then with `max` evict the oldest (by creation, then id) other entries.
+pub fn join_index(
+    index: &mut BTreeMap<String, UserSession>,
+    entry: &UserSession,
+    replaces: Option<&SessionId>,
+    max: Option<usize>,
+    now: u64,
+) -> Vec<UserSession> {
+    if let Some(r) = replaces {
+        index.remove(&r.hex());
+    }
+    index.insert(entry.id.clone(), entry.clone());
+    index.retain(|_, e| e.expires > now);
+    let mut evicted = Vec::new();
+    if let Some(max) = max {
+        while index.len() > max {
+            let Some(oldest) = index
+                .values()
+                .filter(|e| e.id != entry.id)
+                .min_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)))
+                .cloned()
+            else {
+                break;
+            };
+            index.remove(&oldest.id);
+            evicted.push(oldest);
+        }
+    }
+    evicted
+}
+
 /// What a read asks besides the data.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Check {
@@ -123,6 +237,8 @@ pub struct WriteBatch {
     /// header value) to hand to requests still carrying the old id, and
     /// until when (ms).
     pub forward: Option<(String, u64)>,
+    /// `session.user_key`: the users' indexes this response changes.
+    pub users: Vec<UserWrite>,
 }
 
 impl WriteBatch {
@@ -138,6 +254,7 @@ impl WriteBatch {
             check_ended: false,
             check_moved: false,
             forward: None,
+            users: Vec::new(),
         }
     }
 
@@ -232,8 +349,30 @@ pub trait SessionStore: Send + Sync {
         mask: ChannelSet,
         check: Check,
     ) -> impl Future<Output = Result<Read, StoreError>> + Send;
-    /// Apply a batch atomically in one round trip.
-    fn write(&self, batch: &WriteBatch) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Apply a batch atomically in one round trip (Redis Cluster: a second
+    /// one for a user's index, which lives in another slot).
+    fn write(&self, batch: &WriteBatch)
+        -> impl Future<Output = Result<Written, StoreError>> + Send;
+    /// The live sessions in a user's index ([`user_hash`]), ended ones left
+    /// out.
+    fn user_sessions(
+        &self,
+        user: &str,
+    ) -> impl Future<Output = Result<Vec<UserSession>, StoreError>> + Send;
+    /// End sessions: delete their data and, each until its expiry (ms),
+    /// remember their ids as ended; drop them from `user`'s index.
+    fn end(
+        &self,
+        sessions: &[(StoreKey, u64)],
+        user: Option<&str>,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// A session's metadata and key names (`tag`: where Redis keeps it;
+    /// without it, Redis looks the id up with `SCAN`).
+    fn inspect(
+        &self,
+        id: &SessionId,
+        tag: Option<u32>,
+    ) -> impl Future<Output = Result<Option<Inspected>, StoreError>> + Send;
     /// Is the store reachable? (`/readyz`, `gimlet check --connect`)
     fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
@@ -267,11 +406,43 @@ impl Store {
         }
     }
 
-    pub async fn write(&self, batch: &WriteBatch) -> Result<(), StoreError> {
+    pub async fn write(&self, batch: &WriteBatch) -> Result<Written, StoreError> {
         match self {
             Store::Memory(s) => s.write(batch).await,
             Store::Embedded(s) => s.write(batch).await,
             Store::Redis(s) => s.write(batch).await,
+        }
+    }
+
+    pub async fn user_sessions(&self, user: &str) -> Result<Vec<UserSession>, StoreError> {
+        match self {
+            Store::Memory(s) => s.user_sessions(user).await,
+            Store::Embedded(s) => s.user_sessions(user).await,
+            Store::Redis(s) => s.user_sessions(user).await,
+        }
+    }
+
+    pub async fn end(
+        &self,
+        sessions: &[(StoreKey, u64)],
+        user: Option<&str>,
+    ) -> Result<(), StoreError> {
+        match self {
+            Store::Memory(s) => s.end(sessions, user).await,
+            Store::Embedded(s) => s.end(sessions, user).await,
+            Store::Redis(s) => s.end(sessions, user).await,
+        }
+    }
+
+    pub async fn inspect(
+        &self,
+        id: &SessionId,
+        tag: Option<u32>,
+    ) -> Result<Option<Inspected>, StoreError> {
+        match self {
+            Store::Memory(s) => s.inspect(id, tag).await,
+            Store::Embedded(s) => s.inspect(id, tag).await,
+            Store::Redis(s) => s.inspect(id, tag).await,
         }
     }
 
@@ -358,6 +529,20 @@ impl Record {
             self.check(l)?;
         }
         Ok(())
+    }
+
+    /// Key names per channel that holds any (for `GET /sessions/{id}`).
+    pub fn key_names(&self) -> BTreeMap<&'static str, Vec<String>> {
+        CHANNELS
+            .iter()
+            .filter(|ch| !self.channels[ch.index()].is_empty())
+            .map(|ch| {
+                (
+                    ch.store_suffix(),
+                    self.channels[ch.index()].keys().cloned().collect(),
+                )
+            })
+            .collect()
     }
 
     /// The channels in `mask`, as loaded data.

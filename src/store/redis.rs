@@ -19,7 +19,10 @@
 //! Connections are made lazily inside the proxy's runtime, reconnect on
 //! their own, and every call is bounded by `store.timeout` by the caller.
 
-use super::{Check, Read, Refusal, SessionStore, StoreError, StoreKey, WriteBatch};
+use super::{
+    Check, Inspected, Read, Refusal, SessionStore, StoreError, StoreKey, UserSession, UserWrite,
+    WriteBatch, Written,
+};
 use crate::model::{ChannelSet, SessionId, CHANNELS};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
@@ -51,7 +54,8 @@ pub const WRITE_SCRIPT: &str = r#"
 -- ARGV[3..6]: max_keys, max_bytes, client_keys, client_bytes (max_keys -1: no check);
 -- ARGV[7..]: per channel: clear, n, deletes..., n, (key value)..., n, (key delta)...;
 -- then n, and the PXAT ms of each ended mark; then the forward to set on
--- KEYS[11] and its PXAT ms ("" "": none).
+-- KEYS[11] and its PXAT ms ("" "": none); then now (ms), n, and n user-index
+-- operations (JSON, see USER_LUA) on the keys after the ended marks.
 local destroy = string.find(ARGV[1], "d", 1, true) ~= nil
 local rename = string.find(ARGV[1], "r", 1, true) ~= nil
 if string.find(ARGV[1], "m", 1, true) ~= nil then
@@ -82,6 +86,11 @@ local n_end = tonumber(ARGV[pos]); pos = pos + 1
 for i = 1, n_end do ends[i] = ARGV[pos]; pos = pos + 1 end
 local forward = ARGV[pos]
 local forward_until = ARGV[pos + 1]
+pos = pos + 2
+local now = tonumber(ARGV[pos]); pos = pos + 1
+local user_ops = {}
+local n_users = tonumber(ARGV[pos]); pos = pos + 1
+for i = 1, n_users do user_ops[i] = cjson.decode(ARGV[pos]); pos = pos + 1 end
 local function src(c)
   if rename then return KEYS[4 + c] end
   return KEYS[c]
@@ -164,7 +173,11 @@ for c = 1, 4 do
 end
 for i = 1, #ends do redis.call("SET", KEYS[11 + i], "1", "PXAT", ends[i]) end
 if forward ~= "" then redis.call("SET", KEYS[11], forward, "PXAT", forward_until) end
-return { "ok" }
+local reply = { "ok" }
+for i = 1, #user_ops do
+  for _, e in ipairs(user_op(KEYS[11 + #ends + i], user_ops[i], now)) do reply[#reply + 1] = e end
+end
+return reply
 "#;
 
 /// The suffix of an ended id's mark.
@@ -172,12 +185,75 @@ const ENDED_SUFFIX: &str = "x";
 /// The suffix of a regenerated id's forward (its new cookies).
 const MOVED_SUFFIX: &str = "f";
 
-static SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(WRITE_SCRIPT));
+/// One change to a user's index (a hash `<prefix>u:{<user hash>}`, field
+/// id, value the JSON entry), with the reference semantics of
+/// [`super::join_index`]. Returns the entries `max` evicted.
+pub const USER_LUA: &str = r#"
+local function user_op(ukey, op, now)
+  local evicted = {}
+  if op.op == "leave" then
+    redis.call("HDEL", ukey, op.id)
+    return evicted
+  end
+  if op.replaces then redis.call("HDEL", ukey, op.replaces) end
+  redis.call("HSET", ukey, op.id, op.entry)
+  local all = redis.call("HGETALL", ukey)
+  local live = {}
+  local last = 0
+  for i = 1, #all, 2 do
+    local e = cjson.decode(all[i + 1])
+    if e.expires <= now then
+      redis.call("HDEL", ukey, all[i])
+    else
+      live[#live + 1] = { all[i], e.created, all[i + 1] }
+      if e.expires > last then last = e.expires end
+    end
+  end
+  if op.max and #live > op.max then
+    table.sort(live, function(a, b)
+      if a[2] ~= b[2] then return a[2] < b[2] end
+      return a[1] < b[1]
+    end)
+    local n = #live
+    for i = 1, #live do
+      if n <= op.max then break end
+      if live[i][1] ~= op.id then
+        redis.call("HDEL", ukey, live[i][1])
+        evicted[#evicted + 1] = live[i][3]
+        n = n - 1
+      end
+    end
+  end
+  redis.call("PEXPIREAT", ukey, string.format("%.0f", last))
+  return evicted
+end
+"#;
+
+/// Redis Cluster: a user's index lives in its own slot, so its changes run
+/// as this script after the session's write.
+const USER_SCRIPT_MAIN: &str = r#"
+return user_op(KEYS[1], cjson.decode(ARGV[1]), tonumber(ARGV[2]))
+"#;
+
+static SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(&format!("{USER_LUA}{WRITE_SCRIPT}")));
+static USER_SCRIPT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(&format!("{USER_LUA}{USER_SCRIPT_MAIN}")));
 
 #[derive(Clone)]
 enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+}
+
+/// Run `$body` with `$c` bound to the concrete connection.
+macro_rules! with_conn {
+    ($conn:expr, $c:ident => $body:expr) => {
+        match $conn {
+            Conn::Single(mut $c) => $body,
+            Conn::Cluster(mut $c) => $body,
+        }
+    };
 }
 
 pub struct RedisStore {
@@ -250,6 +326,115 @@ impl RedisStore {
         self.key(tag, id, MOVED_SUFFIX)
     }
 
+    /// A user's index: its own hash tag, so Cluster spreads users.
+    fn user_key(&self, user: &str) -> String {
+        format!("{}u:{{{user}}}", self.cfg.prefix)
+    }
+
+    /// The session's one store write: [`WRITE_SCRIPT`], with `users`
+    /// applied inside it.
+    async fn script_write(
+        &self,
+        conn: &Conn,
+        b: &WriteBatch,
+        users: &[UserWrite],
+    ) -> Result<Written, StoreError> {
+        // A Regenerate keeps the tag, and a session created by Destroy + Set
+        // inherits it, so the old keys and the new share one slot.
+        let old = b
+            .rename_from
+            .or(b.destroy.map(|d| d.id))
+            .unwrap_or(b.key.id);
+        debug_assert!(b.destroy.is_none_or(|d| d.tag == b.key.tag));
+        let mut inv = SCRIPT.prepare_invoke();
+        for k in self.channel_keys(b.key.tag, &b.key.id) {
+            inv.key(k);
+        }
+        for k in self.channel_keys(b.key.tag, &old) {
+            inv.key(k);
+        }
+        inv.key(format!("{}{{{:08x}}}:incr", self.cfg.prefix, b.key.tag));
+        inv.key(self.ended_key(b.key.tag, &b.source()));
+        inv.key(self.moved_key(b.key.tag, &b.source()));
+        for (id, _) in &b.end {
+            inv.key(self.ended_key(b.key.tag, id));
+        }
+        for u in users {
+            inv.key(self.user_key(user_of(u)));
+        }
+        for a in script_args(b, users) {
+            inv.arg(a);
+        }
+        let reply: Vec<String> =
+            with_conn!(conn.clone(), c => inv.invoke_async(&mut c).await).map_err(unavailable)?;
+        match reply.first().map(String::as_str) {
+            Some("ok") => Ok(Written {
+                evicted: reply[1..]
+                    .iter()
+                    .filter_map(|e| UserSession::decode(e))
+                    .collect(),
+            }),
+            Some("ended") => Err(StoreError::Rejected(Refusal::Ended)),
+            Some("moved") if reply.len() == 2 => {
+                Err(StoreError::Rejected(Refusal::Moved(reply[1].clone())))
+            }
+            Some("not_integer") => Err(StoreError::Rejected(Refusal::NotInteger {
+                key: reply[1].clone(),
+            })),
+            Some("overflow") => Err(StoreError::Rejected(Refusal::Overflow {
+                key: reply[1].clone(),
+            })),
+            Some("too_many_keys") => Err(StoreError::Rejected(Refusal::TooManyKeys {
+                keys: reply[1].parse().unwrap_or(0),
+                max: b.limits.map_or(0, |l| l.max_keys),
+            })),
+            Some("session_too_large") => Err(StoreError::Rejected(Refusal::SessionTooLarge {
+                bytes: reply[1].parse().unwrap_or(0),
+                max: b.limits.map_or(0, |l| l.max_bytes),
+            })),
+            other => Err(StoreError::Unavailable(format!(
+                "redis: unexpected script reply {other:?}"
+            ))),
+        }
+    }
+
+    /// Find a session's hash tag by its id alone (standalone: `SCAN`).
+    async fn find_tag(&self, conn: &Conn, id: &SessionId) -> Result<Option<u32>, StoreError> {
+        let Conn::Single(c) = conn else {
+            return Err(StoreError::Unavailable(
+                "redis cluster: look the session up by its user (GET /sessions?user=...), which gives its tag".into(),
+            ));
+        };
+        let mut c = c.clone();
+        let pattern = format!("{}{{*}}:{}:*", self.cfg.prefix, id.hex());
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut c)
+                .await
+                .map_err(unavailable)?;
+            for k in keys {
+                let tag = k
+                    .strip_prefix(&self.cfg.prefix)
+                    .and_then(|r| r.strip_prefix('{'))
+                    .and_then(|r| r.get(..8))
+                    .and_then(|t| u32::from_str_radix(t, 16).ok());
+                if tag.is_some() {
+                    return Ok(tag);
+                }
+            }
+            if next == 0 {
+                return Ok(None);
+            }
+            cursor = next;
+        }
+    }
+
     /// Every key name a session uses (tests and tools).
     pub fn keys_of(&self, key: &StoreKey) -> [String; 4] {
         self.channel_keys(key.tag, &key.id)
@@ -264,18 +449,8 @@ fn unavailable(e: redis::RedisError) -> StoreError {
     }
 }
 
-/// Run `$body` with `$c` bound to the concrete connection.
-macro_rules! with_conn {
-    ($conn:expr, $c:ident => $body:expr) => {
-        match $conn {
-            Conn::Single(mut $c) => $body,
-            Conn::Cluster(mut $c) => $body,
-        }
-    };
-}
-
 /// The script's ARGV for a batch (see the layout in [`WRITE_SCRIPT`]).
-fn script_args(b: &WriteBatch) -> Vec<String> {
+fn script_args(b: &WriteBatch, users: &[UserWrite]) -> Vec<String> {
     let mut flags = String::new();
     if b.destroy.is_some() {
         flags.push('d');
@@ -320,7 +495,41 @@ fn script_args(b: &WriteBatch) -> Vec<String> {
         Some((h, until)) if b.rename_from.is_some() => a.extend([h.clone(), until.to_string()]),
         _ => a.extend([String::new(), String::new()]),
     }
+    a.push(crate::model::now_ms().to_string());
+    a.push(users.len().to_string());
+    a.extend(users.iter().map(user_op_json));
     a
+}
+
+/// A [`UserWrite`] as [`USER_LUA`] reads it.
+fn user_op_json(u: &UserWrite) -> String {
+    match u {
+        UserWrite::Leave { id, .. } => serde_json::json!({ "op": "leave", "id": id.hex() }),
+        UserWrite::Join {
+            entry,
+            replaces,
+            max,
+            ..
+        } => {
+            // Absent, not null: Lua's cjson decodes null as a true value.
+            let mut o =
+                serde_json::json!({ "op": "join", "id": entry.id, "entry": entry.encode() });
+            if let Some(r) = replaces {
+                o["replaces"] = r.hex().into();
+            }
+            if let Some(m) = max {
+                o["max"] = (*m).into();
+            }
+            o
+        }
+    }
+    .to_string()
+}
+
+fn user_of(u: &UserWrite) -> &str {
+    match u {
+        UserWrite::Leave { user, .. } | UserWrite::Join { user, .. } => user,
+    }
 }
 
 fn parsing(e: redis::ParsingError) -> StoreError {
@@ -371,13 +580,20 @@ impl SessionStore for RedisStore {
         Ok(out)
     }
 
-    async fn write(&self, b: &WriteBatch) -> Result<(), StoreError> {
+    async fn write(&self, b: &WriteBatch) -> Result<Written, StoreError> {
         let conn = self.conn().await?;
         debug_assert!(b
             .end
             .iter()
             .all(|_| b.destroy.is_none_or(|d| d.tag == b.key.tag)));
-        if b.destroy_only() && !b.check_moved {
+        // Standalone: the users' indexes change inside the session's script
+        // (atomically); Cluster: they live in other slots, so afterwards.
+        let (inline, after): (&[UserWrite], &[UserWrite]) = if self.cfg.url.is_some() {
+            (&b.users, &[])
+        } else {
+            (&[], &b.users)
+        };
+        let mut written = if b.destroy_only() && !b.check_moved && inline.is_empty() {
             let keys = self.channel_keys(b.key.tag, &b.key.id);
             // One slot (one tag): a MULTI, so the logout and its mark land
             // together.
@@ -391,58 +607,158 @@ impl SessionStore for RedisStore {
                     .arg(*until)
                     .ignore();
             }
-            return with_conn!(conn, c => pipe.query_async::<()>(&mut c).await)
-                .map_err(unavailable);
+            with_conn!(conn.clone(), c => pipe.query_async::<()>(&mut c).await)
+                .map_err(unavailable)?;
+            Written::default()
+        } else {
+            self.script_write(&conn, b, inline).await?
+        };
+        for u in after {
+            let reply: Vec<String> = with_conn!(conn.clone(), c => USER_SCRIPT
+                .key(self.user_key(user_of(u)))
+                .arg(user_op_json(u))
+                .arg(crate::model::now_ms())
+                .invoke_async(&mut c)
+                .await)
+            .map_err(unavailable)?;
+            written
+                .evicted
+                .extend(reply.iter().filter_map(|e| UserSession::decode(e)));
         }
-        // A Regenerate keeps the tag, and a session created by Destroy + Set
-        // inherits it, so the old keys and the new share one slot.
-        let old = b
-            .rename_from
-            .or(b.destroy.map(|d| d.id))
-            .unwrap_or(b.key.id);
-        debug_assert!(b.destroy.is_none_or(|d| d.tag == b.key.tag));
-        let mut inv = SCRIPT.prepare_invoke();
-        for k in self.channel_keys(b.key.tag, &b.key.id) {
-            inv.key(k);
+        Ok(written)
+    }
+
+    async fn user_sessions(&self, user: &str) -> Result<Vec<UserSession>, StoreError> {
+        let conn = self.conn().await?;
+        let now = crate::model::now_ms();
+        let all: BTreeMap<String, String> = with_conn!(conn.clone(), c => redis::cmd("HGETALL")
+            .arg(self.user_key(user))
+            .query_async(&mut c)
+            .await)
+        .map_err(unavailable)?;
+        let live: Vec<UserSession> = all
+            .values()
+            .filter_map(|v| UserSession::decode(v))
+            .filter(|e| e.expires > now && e.key().is_some())
+            .collect();
+        if live.is_empty() {
+            return Ok(live);
         }
-        for k in self.channel_keys(b.key.tag, &old) {
-            inv.key(k);
-        }
-        inv.key(format!("{}{{{:08x}}}:incr", self.cfg.prefix, b.key.tag));
-        inv.key(self.ended_key(b.key.tag, &b.source()));
-        inv.key(self.moved_key(b.key.tag, &b.source()));
-        for (id, _) in &b.end {
-            inv.key(self.ended_key(b.key.tag, id));
-        }
-        for a in script_args(b) {
-            inv.arg(a);
-        }
-        let reply: Vec<String> =
-            with_conn!(conn, c => inv.invoke_async(&mut c).await).map_err(unavailable)?;
-        match reply.first().map(String::as_str) {
-            Some("ok") => Ok(()),
-            Some("ended") => Err(StoreError::Rejected(Refusal::Ended)),
-            Some("moved") if reply.len() == 2 => {
-                Err(StoreError::Rejected(Refusal::Moved(reply[1].clone())))
+        // Each mark lives in its session's slot: one pipeline on a single
+        // server, one command each on a Cluster (an admin path only).
+        let marks: Vec<String> = live
+            .iter()
+            .map(|e| {
+                let k = e.key().expect("filtered");
+                self.ended_key(k.tag, &k.id)
+            })
+            .collect();
+        let ended: Vec<bool> = match conn {
+            Conn::Single(mut c) => {
+                let mut pipe = redis::pipe();
+                for m in &marks {
+                    pipe.exists(m);
+                }
+                pipe.query_async(&mut c).await.map_err(unavailable)?
             }
-            Some("not_integer") => Err(StoreError::Rejected(Refusal::NotInteger {
-                key: reply[1].clone(),
-            })),
-            Some("overflow") => Err(StoreError::Rejected(Refusal::Overflow {
-                key: reply[1].clone(),
-            })),
-            Some("too_many_keys") => Err(StoreError::Rejected(Refusal::TooManyKeys {
-                keys: reply[1].parse().unwrap_or(0),
-                max: b.limits.map_or(0, |l| l.max_keys),
-            })),
-            Some("session_too_large") => Err(StoreError::Rejected(Refusal::SessionTooLarge {
-                bytes: reply[1].parse().unwrap_or(0),
-                max: b.limits.map_or(0, |l| l.max_bytes),
-            })),
-            other => Err(StoreError::Unavailable(format!(
-                "redis: unexpected script reply {other:?}"
-            ))),
+            Conn::Cluster(mut c) => {
+                let mut out = Vec::with_capacity(marks.len());
+                for m in &marks {
+                    out.push(
+                        redis::cmd("EXISTS")
+                            .arg(m)
+                            .query_async(&mut c)
+                            .await
+                            .map_err(unavailable)?,
+                    );
+                }
+                out
+            }
+        };
+        Ok(live
+            .into_iter()
+            .zip(ended)
+            .filter(|(_, ended)| !ended)
+            .map(|(e, _)| e)
+            .collect())
+    }
+
+    async fn end(
+        &self,
+        sessions: &[(StoreKey, u64)],
+        user: Option<&str>,
+    ) -> Result<(), StoreError> {
+        if sessions.is_empty() {
+            return Ok(());
         }
+        let conn = self.conn().await?;
+        // Per session, one MULTI in its own slot: its data goes and its id
+        // is remembered together. Then the user's index (another slot).
+        for (key, until) in sessions {
+            let mut keys = self.channel_keys(key.tag, &key.id).to_vec();
+            keys.push(self.moved_key(key.tag, &key.id));
+            let mut pipe = redis::pipe();
+            pipe.atomic().del(keys).ignore();
+            pipe.cmd("SET")
+                .arg(self.ended_key(key.tag, &key.id))
+                .arg("1")
+                .arg("PXAT")
+                .arg(*until)
+                .ignore();
+            with_conn!(conn.clone(), c => pipe.query_async::<()>(&mut c).await)
+                .map_err(unavailable)?;
+        }
+        if let Some(u) = user {
+            let ids: Vec<String> = sessions.iter().map(|(k, _)| k.id.hex()).collect();
+            with_conn!(conn, c => redis::cmd("HDEL").arg(self.user_key(u)).arg(ids).query_async::<()>(&mut c).await)
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn inspect(
+        &self,
+        id: &SessionId,
+        tag: Option<u32>,
+    ) -> Result<Option<Inspected>, StoreError> {
+        let conn = self.conn().await?;
+        let tag = match tag {
+            Some(t) => t,
+            None => match self.find_tag(&conn, id).await? {
+                Some(t) => t,
+                None => return Ok(None),
+            },
+        };
+        let mut pipe = redis::pipe();
+        pipe.exists(self.ended_key(tag, id));
+        for k in self.channel_keys(tag, id) {
+            pipe.hkeys(&k);
+            pipe.cmd("PEXPIRETIME").arg(&k);
+        }
+        let replies: Vec<redis::Value> =
+            with_conn!(conn, c => pipe.query_async(&mut c).await).map_err(unavailable)?;
+        let mut it = replies.into_iter();
+        let ended: bool =
+            redis::from_redis_value(it.next().unwrap_or(redis::Value::Nil)).map_err(parsing)?;
+        let mut out = Inspected {
+            id: id.hex(),
+            tag,
+            ended,
+            ..Default::default()
+        };
+        for ch in CHANNELS {
+            let names: Vec<String> =
+                redis::from_redis_value(it.next().unwrap_or(redis::Value::Nil)).map_err(parsing)?;
+            let at: i64 =
+                redis::from_redis_value(it.next().unwrap_or(redis::Value::Nil)).map_err(parsing)?;
+            if !names.is_empty() {
+                out.keys.insert(ch.store_suffix(), names);
+                if at > 0 {
+                    out.data_expires = Some(out.data_expires.unwrap_or(0).max(at as u64));
+                }
+            }
+        }
+        Ok((ended || !out.keys.is_empty()).then_some(out))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -493,19 +809,27 @@ mod tests {
             set: vec![("a".into(), "1".into())],
             incr: vec![("n".into(), -2)],
         };
-        let a = script_args(&b);
+        let a = script_args(&b, &[]);
         assert_eq!(&a[..6], &["", "99", "-1", "-1", "0", "0"]);
         assert_eq!(&a[6..10], &["0", "0", "0", "0"]);
         assert_eq!(
             &a[10..20],
             &["1", "1", "x", "1", "a", "1", "1", "n", "-2", "0"]
         );
-        assert_eq!((a.len(), a[27].as_str()), (30, "0"), "no ended marks");
-        assert_eq!(&a[28..], &["", ""], "no forward");
+        assert_eq!((a.len(), a[27].as_str()), (32, "0"), "no ended marks");
+        assert_eq!(&a[28..30], &["", ""], "no forward");
+        assert_eq!(a[31], "0", "no user-index operation");
         b.check_ended = true;
         b.end = vec![(SessionId([2; 16]), 77)];
-        let a = script_args(&b);
+        let leave = UserWrite::Leave {
+            user: "u".into(),
+            id: SessionId([3; 16]),
+        };
+        let a = script_args(&b, std::slice::from_ref(&leave));
         assert_eq!(a[0], "e");
-        assert_eq!(&a[a.len() - 4..], &["1", "77", "", ""]);
+        assert_eq!(&a[a.len() - 7..a.len() - 3], &["1", "77", "", ""]);
+        assert_eq!(a[a.len() - 2], "1");
+        let op: serde_json::Value = serde_json::from_str(&a[a.len() - 1]).unwrap();
+        assert_eq!(op, serde_json::json!({ "op": "leave", "id": "03".repeat(16) }));
     }
 }
