@@ -252,7 +252,7 @@ async fn api_op(
             }
             let keys: Vec<_> = sessions
                 .iter()
-                .filter_map(|e| e.key().map(|k| (k, e.expires)))
+                .filter_map(|e| e.key().map(|k| (k, crate::store::ended_until(e.expires))))
                 .collect();
             match store.end(&keys, Some(&hashed)).await {
                 Ok(()) => (200, serde_json::json!({ "ended": keys.len() }).to_string()),
@@ -283,7 +283,7 @@ async fn api_op(
                 }
                 (None, None, _) => 0,
             };
-            let until = crate::model::now_ms().saturating_add(lifetime);
+            let until = crate::store::ended_until(crate::model::now_ms().saturating_add(lifetime));
             match store.end(&[(StoreKey { id: sid, tag }, until)], None).await {
                 Ok(()) => (200, serde_json::json!({ "ended": 1 }).to_string()),
                 Err(e) => failed(e),

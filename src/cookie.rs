@@ -27,8 +27,12 @@ pub struct CookieSpec {
     names: [String; 4],
     /// Every spelling an upstream or a client could use for one of our
     /// cookies, lower-cased and without a `__Secure-` / `__Host-` prefix:
-    /// `<name>`, `<name>-t`, `<name>-s`, `<name>-st`.
-    bare: [String; 4],
+    /// `<name>`, `<name>-t`, `<name>-s`, `<name>-st`, and the browser
+    /// binding `<name>-b`.
+    bare: [String; 5],
+    /// The browser binding cookie over HTTPS (`__Host-<name>-b`) and plain
+    /// HTTP (`<name>-b`): see [`CookieSpec::binding_line`].
+    binding: [String; 2],
     pub host_prefix: bool,
     pub path: String,
     pub domain: Option<String>,
@@ -69,6 +73,15 @@ impl CookieSpec {
                 format!("{b}-t"),
                 format!("{b}-s"),
                 format!("{b}-st"),
+                format!("{b}-b"),
+            ],
+            binding: [
+                if dev_insecure {
+                    format!("{base}-b")
+                } else {
+                    format!("__Host-{base}-b")
+                },
+                format!("{base}-b"),
             ],
             host_prefix: false,
             path,
@@ -122,6 +135,31 @@ impl CookieSpec {
         self.bare
             .iter()
             .any(|b| b.as_bytes().eq_ignore_ascii_case(n))
+    }
+
+    /// The browser binding cookie's name for a request: on HTTPS only the
+    /// `__Host-` one counts (neither a sibling subdomain nor a plain-HTTP
+    /// attacker can set it).
+    pub fn binding_name(&self, https: bool) -> &str {
+        &self.binding[if https { 0 } else { 1 }]
+    }
+
+    /// Set the browser binding: a random value only this browser holds
+    /// (`HttpOnly`, host-only, `Path=/`), which a regenerate grace is bound
+    /// to, so that whoever planted a pre-login cookie cannot continue the
+    /// login (session fixation).
+    pub fn binding_line(&self, value: &str, lifetime_ms: u64, now_ms: u64, https: bool) -> String {
+        let max_age = lifetime_ms.div_ceil(1000);
+        let mut s = format!(
+            "{}={value}; Max-Age={max_age}; Expires={}; Path=/; HttpOnly",
+            self.binding_name(https),
+            http_date(now_ms / 1000 + max_age)
+        );
+        if https && !self.dev_insecure {
+            s.push_str("; Secure");
+        }
+        s.push_str("; SameSite=Lax");
+        s
     }
 
     fn secure_attr(&self, ch: Channel, https: bool) -> bool {

@@ -118,17 +118,21 @@ pub fn open<'c, C: Iterator<Item = &'c [u8]>>(
 }
 
 /// The session a request continues when the store says its id was
-/// regenerated within `session.regenerate_grace` (`moved`: the new
-/// session's cookies).
-/// `None` when the new session is not this client's to continue.
-pub fn follow(state: &State, moved: &str, client: &str, https: bool, now: u64) -> Option<Session> {
+/// regenerated within `session.regenerate_grace` (`moved`: the sealed
+/// forward). `None` when it is not this browser's to continue.
+pub fn follow(
+    state: &State,
+    current: &Session,
+    moved: &str,
+    https: bool,
+    now: u64,
+) -> Option<Session> {
     let s = &state.config.session;
-    Session::follow(
+    current.follow(
         &state.codec,
         &s.cookie,
         &s.settings,
         moved,
-        client,
         RequestInfo { https, now },
     )
 }

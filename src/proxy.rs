@@ -77,9 +77,6 @@ pub struct Ctx {
     session: Session,
     /// The client's address (behind a trusted proxy, the one it appended).
     client_ip: Option<std::net::IpAddr>,
-    /// Who the client is, for a regenerate grace: set only when needed
-    /// ([`Ctx::bind_client`]).
-    client: String,
     /// `session.track`: what the user's index records (set only then).
     tracked_ip: Option<String>,
     tracked_ua: Option<String>,
@@ -117,23 +114,8 @@ impl Ctx {
             write: &route.cfg.write,
             https: self.https,
             now: self.now,
-            client: &self.client,
             ip: self.tracked_ip.as_deref(),
             user_agent: self.tracked_ua.as_deref(),
-        }
-    }
-}
-
-impl Ctx {
-    /// Hash who the client is (address and `User-Agent`), once: only a
-    /// Regenerate and a request following one need it.
-    fn bind_client(&mut self, req: &RequestHeader) {
-        if self.client.is_empty() {
-            let ua = req
-                .headers
-                .get(http::header::USER_AGENT)
-                .map_or(&b""[..], |v| v.as_bytes());
-            self.client = crate::session::client_bind(self.client_ip, ua);
         }
     }
 }
@@ -286,12 +268,7 @@ impl Gateway {
 
     /// The store read, if the request needs one; `Err` when it failed under
     /// `on_error: fail`.
-    async fn load(
-        &self,
-        ctx: &mut Ctx,
-        route: &Route,
-        req: &RequestHeader,
-    ) -> std::result::Result<(), StoreError> {
+    async fn load(&self, ctx: &mut Ctx, route: &Route) -> std::result::Result<(), StoreError> {
         let Some(store) = &self.shared.store else {
             return Ok(());
         };
@@ -315,10 +292,7 @@ impl Gateway {
         let followed = match &read {
             Ok(Read {
                 moved: Some(moved), ..
-            }) => {
-                ctx.bind_client(req);
-                exchange::follow(&state, moved, &ctx.client, ctx.https, ctx.now)
-            }
+            }) => exchange::follow(&state, &ctx.session, moved, ctx.https, ctx.now),
             _ => None,
         };
         if let Some(next) = followed {
@@ -396,16 +370,63 @@ impl Gateway {
         ctx: &mut Ctx,
         outcome: &std::result::Result<Outcome, DirectiveError>,
     ) -> Option<std::result::Result<(), StoreError>> {
-        let (Ok(Outcome { batch: Some(b), .. }), Some(store)) = (outcome, &self.shared.store)
-        else {
+        let (Ok(o), Some(store)) = (outcome, &self.shared.store) else {
             return None;
         };
-        ctx.store_round_trips += 1;
         let timeout = ctx.state.config.store.timeout;
+        let settings = &ctx.state.config.session.settings;
+        let Some(b) = &o.batch else {
+            // Cookies for the carried session without a store write (its
+            // keys live in the cookie): with revocation (SPEC section 6's one
+            // exception to "no store I/O for clientside keys"), first ask
+            // whether it ended or moved meanwhile, so a request that raced a
+            // logout or a login cannot set the old cookie over the new one.
+            let check = crate::store::Check {
+                ended: settings.revocation,
+                moved: settings.revocation && settings.regenerate_grace > 0,
+            };
+            let sets = o.set_cookies.iter().any(|l| !l.contains("=; Max-Age=0"));
+            let carried = ctx.session.meta.filter(|_| sets && o.meta.is_some());
+            let key = carried.filter(|_| check.ended)?;
+            ctx.store_round_trips += 1;
+            let read = self
+                .timed(
+                    "read",
+                    timeout,
+                    store.load(&key.into(), crate::model::ChannelSet::NONE, check),
+                )
+                .await;
+            return Some(match read {
+                Ok(Read { moved: Some(m), .. }) => Err(StoreError::Rejected(Refusal::Moved(m))),
+                Ok(Read { ended: true, .. }) => Err(StoreError::Rejected(Refusal::Ended)),
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            });
+        };
+        ctx.store_round_trips += 1;
         let written = self.timed("write", timeout, store.write(b)).await;
         Some(written.map(|w| {
             ctx.evicted = w.evicted;
         }))
+    }
+
+    /// A session that went idle on a request answered without applying its
+    /// response (a gate, a rejected directive): still remember its id as
+    /// ended, or a busy copy of the cookie would outlive it.
+    async fn end_idle(&self, ctx: &mut Ctx) {
+        let (Some(m), Some(store)) = (ctx.session.idle_ended.take(), &self.shared.store) else {
+            return;
+        };
+        let timeout = ctx.state.config.store.timeout;
+        let key = crate::store::StoreKey::from(m);
+        let until = crate::store::ended_until(m.expires);
+        ctx.store_round_trips += 1;
+        if let Err(e) = self
+            .timed("write", timeout, store.end(&[(key, until)], None))
+            .await
+        {
+            tracing::warn!(route = ctx.route_name(), error = %e, "remembering an idle session as ended failed");
+        }
     }
 
     /// After a committed write: end the sessions a login pushed past
@@ -419,7 +440,7 @@ impl Gateway {
         let m = &self.shared.metrics;
         let evicted: Vec<_> = std::mem::take(&mut ctx.evicted)
             .iter()
-            .filter_map(|e| e.key().map(|k| (k, e.expires)))
+            .filter_map(|e| e.key().map(|k| (k, crate::store::ended_until(e.expires))))
             .collect();
         if !evicted.is_empty() {
             ctx.store_round_trips += 1;
@@ -436,7 +457,7 @@ impl Gateway {
                 .await?;
             let keys: Vec<_> = all
                 .iter()
-                .filter_map(|e| e.key().map(|k| (k, e.expires)))
+                .filter_map(|e| e.key().map(|k| (k, crate::store::ended_until(e.expires))))
                 .collect();
             self.timed("write", timeout, store.end(&keys, Some(user)))
                 .await?;
@@ -584,7 +605,6 @@ impl ProxyHttp for Gateway {
             start: Instant::now(),
             session: Session::default(),
             client_ip: None,
-            client: String::new(),
             tracked_ip: None,
             tracked_ua: None,
             evicted: Vec::new(),
@@ -628,7 +648,7 @@ impl ProxyHttp for Gateway {
             Err(a) => return answer(session, &a).await,
         }
         let route = &state.router.routes()[ctx.route.expect("opened")];
-        if self.load(ctx, route, session.req_header()).await.is_err() {
+        if self.load(ctx, route).await.is_err() {
             return answer(session, &LocalAnswer::store_unavailable()).await;
         }
         let req = session.req_header();
@@ -641,6 +661,7 @@ impl ProxyHttp for Gateway {
                     &r,
                     state.config.session.settings.limits.forward_bytes,
                 );
+                self.end_idle(ctx).await;
                 return answer(session, &r.answer).await;
             }
         }
@@ -705,7 +726,7 @@ impl ProxyHttp for Gateway {
 
     async fn response_filter(
         &self,
-        session: &mut Session_,
+        _session: &mut Session_,
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
@@ -720,11 +741,6 @@ impl ProxyHttp for Gateway {
             .directives
             .take()
             .unwrap_or_else(|| Ok(Directives::default()));
-        if parsed.as_ref().is_ok_and(|d| d.regenerate)
-            && state.config.session.settings.regenerate_grace > 0
-        {
-            ctx.bind_client(session.req_header());
-        }
         let apply = |ctx: &Ctx| match &parsed {
             Ok(d) => ctx.session.apply(d, &ctx.write_context(route)),
             Err(e) => Err(e.clone()),
@@ -733,8 +749,7 @@ impl ProxyHttp for Gateway {
         let mut write = self.write(ctx, &outcome).await;
         let followed = match &write {
             Some(Err(StoreError::Rejected(Refusal::Moved(moved)))) => {
-                ctx.bind_client(session.req_header());
-                exchange::follow(&state, moved, &ctx.client, ctx.https, ctx.now)
+                exchange::follow(&state, &ctx.session, moved, ctx.https, ctx.now)
             }
             _ => None,
         };
@@ -761,7 +776,10 @@ impl ProxyHttp for Gateway {
         }
         match commit {
             Commit::Applied(o) => self.send_cookies(resp, ctx, o),
-            refused => self.refuse(ctx, route, refused),
+            refused => {
+                self.end_idle(ctx).await;
+                self.refuse(ctx, route, refused)
+            }
         }
     }
 

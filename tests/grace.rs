@@ -93,27 +93,29 @@ async fn racing_requests_land_in_the_new_session(store: &str, revocation: bool) 
     );
     assert!(!r.set_cookies.is_empty(), "{case}: no new cookie");
 
-    // Not for somebody else holding the old cookie (session fixation).
-    let r = before_login
-        .get_with("/", &[], &[("user-agent", "attacker/1.0")])
-        .await;
+    // Not for somebody else holding the old cookie (session fixation): the
+    // forward is bound to the victim's browser binding cookie, which the
+    // attacker who planted the session cookie does not have.
+    assert!(before_login.jar.cookies.keys().any(|n| n.ends_with("-b")));
+    let attacker = Browser {
+        c: client(),
+        jar: before_login.jar.without_binding(),
+        base: victim.base.clone(),
+    };
+    let r = attacker.get_with("/", &[], &[]).await;
     let (id, keys) = id_and_keys(&r);
     assert_ne!(id, new_id, "{case}: a planted cookie was handed the login");
     assert!(
         !keys.contains_key("user") && !keys.contains_key("cart"),
         "{case}"
     );
-    let r = before_login
-        .get_with(
-            "/",
-            &[("X-Session-Set", "cart=7")],
-            &[("user-agent", "attacker/1.0")],
-        )
+    let r = attacker
+        .get_with("/", &[("X-Session-Set", "cart=7")], &[])
         .await;
     if revocation {
         // The old id is no session: the write starts a fresh one.
         assert_eq!(id_and_keys(&r).0, None, "{case}");
-        assert_eq!(r.set_cookies.len(), 1, "{case}");
+        assert_eq!(r.session_cookies().len(), 1, "{case}");
     } else {
         // Its write to the old id is refused whole: that login is not its own.
         assert_eq!(r.status, 502, "{case}: {}", r.body);
@@ -166,4 +168,104 @@ async fn no_grace_no_follow() {
     let (id, keys) = id_and_keys(&old.get_with("/", &[], &[]).await);
     assert!(id.is_some() && !keys.contains_key("cart"));
     assert_ne!(id, id_and_keys(&b.get("/", &[]).await).0);
+}
+
+/// A login over HTTPS is never continued over plain HTTP: a network
+/// attacker who can make the victim's browser send a plain request with the
+/// pre-login cookie (and even the binding's value) gets no session cookie
+/// in the clear.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_https_login_is_not_continued_over_http() {
+    let up = Upstream::start();
+    let y = format!(
+        "trusted_proxies: [127.0.0.1/32]\n{}",
+        yaml(&up, "{ kind: memory }", true)
+    );
+    let g = Gateway::start(&y);
+    let https = [("x-forwarded-proto", "https")];
+    let mut b = Browser::new(&g);
+    let r = b
+        .get_with("/", &[("X-Session-Set", "cart=1")], &https)
+        .await;
+    b.jar.update(&r);
+    let binding = b
+        .jar
+        .get("__Host-gimlet-b")
+        .expect("a binding over HTTPS")
+        .to_string();
+    let before = b.jar.clone();
+    let r = b
+        .get_with(
+            "/login",
+            &[
+                ("X-Session-Regenerate", "1"),
+                ("X-Session-Set", "user=alice"),
+            ],
+            &https,
+        )
+        .await;
+    b.jar.update(&r);
+    // Within the grace, the same browser over HTTPS follows ...
+    let old = Browser {
+        c: client(),
+        jar: before.clone(),
+        base: b.base.clone(),
+    };
+    let r = old.get_with("/", &[], &https).await;
+    assert_eq!(r.session().get("user").map(String::as_str), Some("alice"));
+    // ... but a plain-HTTP request with the old cookie does not, even with
+    // the binding's value under its plain name.
+    let mut jar = before.without_binding();
+    jar.cookies.insert("gimlet-b".into(), binding);
+    let plain = Browser {
+        c: client(),
+        jar,
+        base: b.base.clone(),
+    };
+    let r = plain.get_with("/", &[], &[]).await;
+    assert_eq!(r.status, 200);
+    assert!(!r.session().contains_key("user"), "{:?}", r.session());
+    assert!(
+        r.set_cookies.iter().all(|c| !c.starts_with("gimlet=")),
+        "{:?}",
+        r.set_cookies
+    );
+}
+
+/// With revocation, a racing request whose keys all live in the cookie
+/// (no store write of its own) also lands in the new session instead of
+/// setting the old cookie over the login's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clientside_write_racing_a_login_follows_it() {
+    let up = Upstream::start();
+    let y = yaml(&up, "{ kind: memory }", true)
+        .replace("cart: { clientside: false }", "cart: { clientside: true }");
+    let g = Gateway::start(&y);
+    let mut victim = Browser::new(&g);
+    victim.get("/", &[("X-Session-Set", "cart=1")]).await;
+    let xhr = copy_of(&victim);
+    let racing = tokio::spawn(async move {
+        xhr.get_with("/xhr?sleep_ms=600", &[("X-Session-Set", "cart=2")], &[])
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    victim
+        .get(
+            "/login",
+            &[
+                ("X-Session-Regenerate", "1"),
+                ("X-Session-Set", "user=alice"),
+            ],
+        )
+        .await;
+    let (new_id, _) = id_and_keys(&victim.get("/", &[]).await);
+    let r = racing.await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The browser stores the racing response's cookie last: it must be
+    // the logged-in session, with the racing write in it.
+    victim.jar.update(&r);
+    let (id, keys) = id_and_keys(&victim.get("/", &[]).await);
+    assert_eq!(id, new_id, "the login was lost");
+    assert_eq!(keys.get("user").map(String::as_str), Some("alice"));
+    assert_eq!(keys.get("cart").map(String::as_str), Some("2"));
 }

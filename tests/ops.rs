@@ -376,7 +376,11 @@ async fn sighup_reloads_routes_and_secrets_without_dropping_connections() {
         "alice",
         "the old cookie stopped working"
     );
-    assert_eq!(r.set_cookies.len(), 1, "not re-issued under the new secret");
+    assert_eq!(
+        r.session_cookies().len(),
+        1,
+        "not re-issued under the new secret"
+    );
 
     // An invalid file: the running config stays, the failure is counted.
     std::fs::write(&g.config, "session: {}\nroutes: nope\n").unwrap();

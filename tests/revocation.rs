@@ -24,6 +24,16 @@ fn thief(victim: &Browser) -> Browser {
     }
 }
 
+/// Somebody else holding a copy of `victim`'s session cookie (not its
+/// browser binding cookie, which a regenerate grace is bound to).
+fn other(victim: &Browser) -> Browser {
+    Browser {
+        c: client(),
+        jar: victim.jar.without_binding(),
+        base: victim.base.clone(),
+    }
+}
+
 /// A request from somebody else holding `b`'s cookies.
 async fn stolen(b: &Browser, path: &str, directives: &[(&str, &str)]) -> Resp {
     b.get_with(path, directives, &[("user-agent", "thief/1.0")])
@@ -51,7 +61,7 @@ async fn copies_die_with_their_session(store: &str, label: &str) {
             let case = format!("{label}, {ends}, {keys}");
             let mut victim = Browser::new(&g);
             victim.get("/login", &[("X-Session-Set", keys)]).await;
-            let copy = thief(&victim);
+            let copy = other(&victim);
             let (id, before) = seen(&stolen(&copy, "/", &[]).await);
             assert!(
                 id.is_some() && before.contains(&"user".to_string()),
@@ -243,4 +253,33 @@ async fn a_failed_check_follows_on_error() {
             "{on_error}"
         );
     }
+}
+
+/// A victim whose idle cookie meets a `require:` gate (answered by the
+/// gateway, the app never called) still ends the id.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_expiry_on_a_gated_route_ends_every_copy() {
+    let up = Upstream::start();
+    let y = yaml(&up, "{ kind: memory }", "  idle_timeout: 2s\n  touch_interval: 500ms\n")
+        .replace(
+            "routes:\n",
+            &format!(
+                "routes:\n  - name: acct\n    match: {{ path_prefix: /account }}\n    upstreams: [\"{}\"]\n    session: {{ require: [user] }}\n",
+                up.addr
+            ),
+        );
+    let g = Gateway::start(&y);
+    let mut victim = Browser::new(&g);
+    victim
+        .get("/login", &[("X-Session-Set", "user=alice&cart=1")])
+        .await;
+    let mut copy = thief(&victim);
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert!(seen(&copy.get("/", &[]).await).0.is_some());
+    }
+    let r = victim.get("/account", &[]).await;
+    assert_eq!(r.status, 401, "{}", r.body);
+    let r = copy.get("/", &[]).await;
+    assert_eq!(seen(&r), (None, vec![]), "the busy copy lives on");
 }

@@ -10,7 +10,7 @@
 mod read;
 mod write;
 
-pub use read::{client_bind, Forward, RequestInfo, StoreRead};
+pub use read::{Forward, RequestInfo, StoreRead};
 pub use write::{CookieChange, Outcome, WriteContext};
 
 use crate::model::{channel_order, Channel, Flags, Meta, Payload, Rejection, Settings};
@@ -49,6 +49,8 @@ pub struct Session {
     /// The cookie named a regenerated id, and this is the new session
     /// (`session.regenerate_grace`).
     pub followed: bool,
+    /// The browser's binding cookie (`session.regenerate_grace`).
+    pub binding: Option<String>,
 }
 
 impl Session {

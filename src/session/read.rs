@@ -63,6 +63,10 @@ impl Session {
         let mut seen = [0usize; 4];
         for h in headers {
             for (name, value) in cookie::pairs(h) {
+                if name == spec.binding_name(req.https).as_bytes() && valid_binding(value) {
+                    s.binding = std::str::from_utf8(value).ok().map(str::to_string);
+                    continue;
+                }
                 let Some(ch) = spec.channel_exact(name) else {
                     continue;
                 };
@@ -242,35 +246,40 @@ impl Session {
 
     /// The session a request still carrying a regenerated id continues
     /// within `session.regenerate_grace`: read from the new session's
-    /// cookies (`moved`, as the store kept them; they are sealed, so the
-    /// store cannot forge one), and re-issued to the browser.
+    /// cookies (`moved`, as the store kept them, sealed under the secret),
+    /// and re-issued to the browser.
     ///
-    /// Only for the client that logged in (same [`client_bind`]): whoever
-    /// else holds the old id — an attacker who planted it before the login
-    /// (session fixation) — must not be handed the new session. `None` when
-    /// the binding differs or the cookies do not open.
+    /// Only for the browser that logged in: the forward is bound to its
+    /// binding cookie ([`CookieSpec::binding_line`]), a random value
+    /// whoever planted the pre-login cookie (session fixation) does not
+    /// have; to the old id and the forward's end; and a login over HTTPS is
+    /// never continued over plain HTTP. `None` otherwise.
     pub fn follow(
+        &self,
         codec: &Codec,
         spec: &CookieSpec,
         settings: &Settings,
         moved: &str,
-        client: &str,
         req: RequestInfo,
     ) -> Option<Session> {
-        let plain = codec.open_private(FORWARD, moved)?;
-        let (bind, cookies) = std::str::from_utf8(&plain).ok()?.split_once('\n')?;
         use subtle::ConstantTimeEq;
-        if !bool::from(bind.as_bytes().ct_eq(client.as_bytes())) {
+        let binding = self.binding.as_deref()?;
+        let old = self.meta?.id;
+        let plain = codec.open_private(FORWARD, moved)?;
+        let f = Forwarded::parse(std::str::from_utf8(&plain).ok()?)?;
+        let bound = bool::from(f.binding.as_bytes().ct_eq(binding.as_bytes()));
+        if !bound || f.old != old.hex() || f.until <= req.now || (f.https && !req.https) {
             return None;
         }
         let mut s = Session::from_cookies(
             codec,
             spec,
             settings,
-            std::iter::once(cookies.as_bytes()),
+            std::iter::once(f.cookies.as_bytes()),
             req,
         );
         s.meta?;
+        s.binding = Some(binding.to_string());
         s.reissue = true;
         s.followed = true;
         Some(s)
@@ -418,19 +427,49 @@ impl Session {
 /// Purpose of the sealed record a Regenerate leaves for its grace.
 pub(super) const FORWARD: &str = "regenerate-forward";
 
-/// Who a request comes from, as far as a gateway can tell (the client
-/// address and the `User-Agent`), hashed: what a regenerate grace is bound
-/// to. 16 hex digits.
-pub fn client_bind(ip: Option<std::net::IpAddr>, user_agent: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update(ip.map(|ip| ip.to_string()).unwrap_or_default());
-    h.update([0u8]);
-    h.update(user_agent);
-    h.finalize()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+/// What a Regenerate leaves for its grace (sealed with
+/// [`Codec::seal_private`]): the old id, until when, whether the login was
+/// over HTTPS, the browser binding it is for, and the new cookies.
+pub(super) struct Forwarded<'a> {
+    pub old: &'a str,
+    pub until: u64,
+    pub https: bool,
+    pub binding: &'a str,
+    pub cookies: &'a str,
+}
+
+impl<'a> Forwarded<'a> {
+    pub fn encode(&self) -> String {
+        format!(
+            "v1\n{}\n{}\n{}\n{}\n{}",
+            self.old,
+            self.until,
+            if self.https { "s" } else { "p" },
+            self.binding,
+            self.cookies
+        )
+    }
+
+    fn parse(s: &'a str) -> Option<Forwarded<'a>> {
+        let mut it = s.splitn(6, '\n');
+        if it.next()? != "v1" {
+            return None;
+        }
+        Some(Forwarded {
+            old: it.next()?,
+            until: it.next()?.parse().ok()?,
+            https: it.next()? == "s",
+            binding: it.next()?,
+            cookies: it.next()?,
+        })
+    }
+}
+
+/// A binding cookie's value: 32 lowercase hex digits.
+fn valid_binding(v: &[u8]) -> bool {
+    v.len() == 32
+        && v.iter()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
 }
 
 /// A value as a header: `%`, control bytes, bytes >= 0x80 and leading or

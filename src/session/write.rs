@@ -14,7 +14,7 @@ use crate::model::{
     Payload, PerChannel, Policy, SessionId, Settings, CHANNELS,
 };
 use crate::store::{
-    user_hash, ChannelWrite, LimitCheck, StoreKey, UserSession, UserWrite, WriteBatch,
+    ended_until, user_hash, ChannelWrite, LimitCheck, StoreKey, UserSession, UserWrite, WriteBatch,
 };
 use std::collections::BTreeMap;
 
@@ -28,9 +28,6 @@ pub struct WriteContext<'a> {
     pub write: &'a KeySet,
     pub https: bool,
     pub now: u64,
-    /// [`super::client_bind`] of the request: a Regenerate's grace is
-    /// bound to it.
-    pub client: &'a str,
     /// `session.track`: the client's address and `User-Agent` (`None`
     /// when not tracked).
     pub ip: Option<&'a str>,
@@ -164,7 +161,7 @@ impl Work {
         // are one store batch in one slot).
         if let Some(m) = session.idle_ended.filter(|_| w.store_ok) {
             w.destroy = Some(StoreKey::from(m));
-            w.end.push((m.id, m.expires));
+            w.end.push((m.id, ended_until(m.expires)));
         }
         for ch in CHANNELS {
             if let Some(p) = &session.cookies[ch.index()] {
@@ -186,7 +183,7 @@ impl Work {
         if self.store_ok {
             self.destroy = Some(StoreKey::from(m));
             if self.revocation {
-                self.end.push((m.id, m.expires));
+                self.end.push((m.id, ended_until(m.expires)));
             }
         }
         for ch in CHANNELS {
@@ -208,7 +205,7 @@ impl Work {
         if self.store_ok {
             self.rename_from = Some(m.id);
             if self.revocation {
-                self.end.push((m.id, m.expires));
+                self.end.push((m.id, ended_until(m.expires)));
             }
             // Store data of a channel whose cookie the browser no longer
             // holds (a closed browser's transient keys) is stale: it must not
@@ -746,6 +743,18 @@ impl Session {
                 None => {}
             }
         }
+        // A browser that gets a session cookie and has no binding gets one
+        // (what a regenerate grace is bound to).
+        let sets = out.set_cookies.iter().any(|l| !l.contains("=; Max-Age=0"));
+        if cx.settings.regenerate_grace > 0 && self.binding.is_none() && sets {
+            let value = crate::model::SessionId::random().hex();
+            out.set_cookies.push(cx.spec.binding_line(
+                &value,
+                cx.settings.lifetime,
+                cx.now,
+                cx.https,
+            ));
+        }
         out.batch = self.plan_batch(cx, w, touch, force, limits);
         if let Some(b) = &mut out.batch {
             b.users = users;
@@ -880,18 +889,31 @@ impl Session {
                 b.end = w.end;
                 b.check_ended = check_ended;
                 b.check_moved = check_moved;
-                if b.rename_from.is_some() && grace > 0 && !w.sealed.is_empty() {
+                // The forward is bound to the browser's binding cookie: a
+                // login from a browser without one leaves none.
+                if let (true, Some(binding)) = (
+                    b.rename_from.is_some() && grace > 0 && !w.sealed.is_empty(),
+                    self.binding.as_deref(),
+                ) {
                     let header: Vec<String> = w
                         .sealed
                         .iter()
                         .map(|(ch, v)| format!("{}={v}", cx.spec.name(*ch)))
                         .collect();
                     // Sealed: whoever reads the store must not get cookies.
-                    let plain = format!("{}\n{}", cx.client, header.join("; "));
+                    let until = cx.now.saturating_add(grace);
+                    let plain = super::read::Forwarded {
+                        old: &self.meta.expect("regenerated").id.hex(),
+                        until,
+                        https: cx.https,
+                        binding,
+                        cookies: &header.join("; "),
+                    }
+                    .encode();
                     let forward = cx
                         .codec
                         .seal_private(super::read::FORWARD, plain.as_bytes());
-                    b.forward = Some((forward, cx.now.saturating_add(grace)));
+                    b.forward = Some((forward, until));
                 }
                 Some(b)
             }
@@ -999,7 +1021,6 @@ mod tests {
                 write: &KeySet::All,
                 https: false,
                 now,
-                client: "c",
                 ip: None,
                 user_agent: None,
             }
@@ -1053,7 +1074,7 @@ mod tests {
             .unwrap();
         let b = o.batch.expect("the end is a store write");
         assert!(b.destroy_only());
-        assert_eq!(b.end, vec![(meta.id, meta.expires)]);
+        assert_eq!(b.end, vec![(meta.id, ended_until(meta.expires))]);
         // Regenerate: the old id ends with the session's absolute expiry,
         // and the write refuses to continue a session ended meanwhile.
         let o = s
@@ -1067,7 +1088,7 @@ mod tests {
             .unwrap();
         let b = o.batch.unwrap();
         assert_eq!(b.rename_from, Some(meta.id));
-        assert_eq!(b.end, vec![(meta.id, meta.expires)]);
+        assert_eq!(b.end, vec![(meta.id, ended_until(meta.expires))]);
         assert!(b.check_ended && b.key.id != meta.id && b.key.tag == meta.tag);
         // Destroy + Set: the new session keeps the tag, the old id ends.
         let mut both = d(&[("c", "2")]);
@@ -1077,7 +1098,7 @@ mod tests {
             (b.destroy.map(|k| k.id), b.key.tag),
             (Some(meta.id), meta.tag)
         );
-        assert_eq!(b.end, vec![(meta.id, meta.expires)]);
+        assert_eq!(b.end, vec![(meta.id, ended_until(meta.expires))]);
         // Gone idle: the cookie is cleared and the id ended, even on a
         // request that writes nothing.
         let idle = env.session(&start.set_cookies, 20_000);
@@ -1085,7 +1106,7 @@ mod tests {
         let o = idle.apply(&Directives::default(), &env.cx(20_000)).unwrap();
         assert!(o.set_cookies[0].contains("Max-Age=0"));
         let b = o.batch.unwrap();
-        assert!(b.destroy_only() && b.end == vec![(meta.id, meta.expires)]);
+        assert!(b.destroy_only() && b.end == vec![(meta.id, ended_until(meta.expires))]);
         // Past the absolute lifetime there is nothing to remember.
         let late = env.session(&start.set_cookies, meta.expires + 1);
         assert!(late.expired && late.idle_ended.is_none());

@@ -332,7 +332,7 @@ fn apply(
 
     let src = b.source();
     if b.check_moved {
-        if let Some(h) = moved(&txn.open_table(MOVED)?, &src, now)? {
+        if let Some(h) = moved(&txn.open_table(MOVED)?, &b.carried(), now)? {
             return Ok(Err(StoreError::Rejected(super::Refusal::Moved(h))));
         }
     }

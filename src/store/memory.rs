@@ -97,7 +97,7 @@ impl SessionStore for MemoryStore {
         let mut guard = self.maps.lock().unwrap();
         let m = &mut *guard;
         if b.check_moved {
-            if let Some(h) = m.moved(&b.source(), now) {
+            if let Some(h) = m.moved(&b.carried(), now) {
                 return Err(StoreError::Rejected(Refusal::Moved(h.clone())));
             }
         }

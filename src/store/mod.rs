@@ -37,6 +37,16 @@ impl From<crate::model::Meta> for StoreKey {
 /// Server-side values per channel; `None` for channels not read.
 pub type Loaded = [Option<BTreeMap<String, String>>; 4];
 
+/// How long past its session's expiry an ended id is remembered: a margin
+/// for the clocks of the gateways and the store, so a mark never expires
+/// before every copy of the cookie has.
+pub const ENDED_MARGIN_MS: u64 = 60_000;
+
+/// Until when to remember an id ended whose session expires at `expires`.
+pub fn ended_until(expires: u64) -> u64 {
+    expires.saturating_add(ENDED_MARGIN_MS)
+}
+
 /// A user's name as the stores key it (`session.user_key`): a SHA-256
 /// prefix, so a name of any length or bytes is a fixed, safe key part.
 pub fn user_hash(name: &str) -> String {
@@ -262,6 +272,15 @@ impl WriteBatch {
     /// `key` (a new session's random id is never ended).
     pub fn source(&self) -> SessionId {
         self.rename_from.unwrap_or(self.key.id)
+    }
+
+    /// The id whose regenerate forward [`WriteBatch::check_moved`] asks
+    /// about: the session the request carried (a Destroy + Set writes a new
+    /// id, but a logout racing a login must follow the login).
+    pub fn carried(&self) -> SessionId {
+        self.rename_from
+            .or(self.destroy.map(|d| d.id))
+            .unwrap_or(self.key.id)
     }
 
     /// Does the batch only destroy (nothing written under `key`)?

@@ -46,8 +46,9 @@ pub struct RedisOptions {
 pub const WRITE_SCRIPT: &str = r#"
 -- KEYS[1..4]: the session's channel hashes; KEYS[5..8]: the old id's
 -- (Regenerate source or Destroy target); KEYS[9]: scratch for exact Incr;
--- KEYS[10]: the ended mark of the id the write continues; KEYS[11]: its
--- regenerate-grace forward; KEYS[12..]: ended marks to set.
+-- KEYS[10]: the ended mark of the id the write continues; KEYS[11]: the
+-- regenerate-grace forward of the id the request carried; KEYS[12..]: ended
+-- marks to set.
 -- ARGV[1]: flags ("d" destroy old, "r" move old to new, "e" refuse when
 -- KEYS[10] exists, "m" refuse with KEYS[11]'s value when it exists);
 -- ARGV[2]: PEXPIREAT ms;
@@ -355,7 +356,9 @@ impl RedisStore {
         }
         inv.key(format!("{}{{{:08x}}}:incr", self.cfg.prefix, b.key.tag));
         inv.key(self.ended_key(b.key.tag, &b.source()));
-        inv.key(self.moved_key(b.key.tag, &b.source()));
+        // The forward checked (of the carried id) and set (of a Regenerate's
+        // old id, the same one then).
+        inv.key(self.moved_key(b.key.tag, &b.carried()));
         for (id, _) in &b.end {
             inv.key(self.ended_key(b.key.tag, id));
         }
@@ -830,6 +833,9 @@ mod tests {
         assert_eq!(&a[a.len() - 7..a.len() - 3], &["1", "77", "", ""]);
         assert_eq!(a[a.len() - 2], "1");
         let op: serde_json::Value = serde_json::from_str(&a[a.len() - 1]).unwrap();
-        assert_eq!(op, serde_json::json!({ "op": "leave", "id": "03".repeat(16) }));
+        assert_eq!(
+            op,
+            serde_json::json!({ "op": "leave", "id": "03".repeat(16) })
+        );
     }
 }

@@ -348,6 +348,19 @@ impl Jar {
     pub fn get(&self, name: &str) -> Option<&str> {
         self.cookies.get(name).map(|s| s.as_str())
     }
+
+    /// The session cookies without the browser binding cookie (`…-b`):
+    /// what an attacker who planted or lifted the session cookie holds.
+    pub fn without_binding(&self) -> Jar {
+        Jar {
+            cookies: self
+                .cookies
+                .iter()
+                .filter(|(n, _)| !n.ends_with("-b"))
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect(),
+        }
+    }
 }
 
 /// A response, read fully.
@@ -392,6 +405,15 @@ impl Resp {
             .into_iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v)
+    }
+
+    /// The `Set-Cookie` lines of the session's cookies (not the browser
+    /// binding cookie `…-b` a regenerate grace adds to a new session).
+    pub fn session_cookies(&self) -> Vec<&String> {
+        self.set_cookies
+            .iter()
+            .filter(|l| !l.split('=').next().unwrap_or("").ends_with("-b"))
+            .collect()
     }
 
     /// The upstream's decoded `X-Session` pairs.
