@@ -513,6 +513,40 @@ fn end(
     Ok(())
 }
 
+/// Users' index entries looked at per sweep, from where the last stopped.
+const USERS_PER_SWEEP: usize = 2_000;
+
+/// Drop expired entries of users' indexes, a bounded slice per sweep
+/// (`cursor`: the key to resume from; empty: the start).
+fn sweep_users(
+    txn: &redb::WriteTransaction,
+    now: u64,
+    cursor: &mut Vec<u8>,
+) -> Result<(), redb::Error> {
+    let mut users = txn.open_table(USERS)?;
+    let mut gone = Vec::new();
+    let mut next = None;
+    for (n, item) in users.range::<&[u8]>(&cursor[..]..)?.enumerate() {
+        let (k, v) = item?;
+        if n == USERS_PER_SWEEP {
+            next = Some(k.value().to_vec());
+            break;
+        }
+        let expired = std::str::from_utf8(v.value())
+            .ok()
+            .and_then(UserSession::decode)
+            .is_none_or(|e| e.expires <= now);
+        if expired {
+            gone.push(k.value().to_vec());
+        }
+    }
+    for k in &gone {
+        users.remove(&k[..])?;
+    }
+    *cursor = next.unwrap_or_default();
+    Ok(())
+}
+
 fn sweep(txn: &redb::WriteTransaction, now: u64) -> Result<usize, redb::Error> {
     let mut data = txn.open_table(DATA)?;
     let mut session = txn.open_table(SESSION)?;
@@ -553,6 +587,7 @@ fn sweep(txn: &redb::WriteTransaction, now: u64) -> Result<usize, redb::Error> {
 
 fn writer(db: Arc<Database>, rx: mpsc::Receiver<Msg>, cache: Arc<Cache>) {
     let mut last_sweep = std::time::Instant::now();
+    let mut users_cursor = Vec::new();
     loop {
         let first = match rx.recv_timeout(SWEEP_EVERY) {
             Ok(m) => Some(m),
@@ -585,12 +620,14 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Msg>, cache: Arc<Cache>) {
                     }
                     Msg::Sweep(_) => {
                         swept += sweep(&txn, now)?;
+                        sweep_users(&txn, now, &mut users_cursor)?;
                         results.push(Ok(Written::default()));
                     }
                 }
             }
             if due {
                 swept += sweep(&txn, now)?;
+                sweep_users(&txn, now, &mut users_cursor)?;
             }
             txn.commit()?;
             Ok(())
@@ -843,5 +880,36 @@ mod tests {
         assert_eq!(s.session_count().unwrap(), 1);
         assert_eq!(s.sweep().await.unwrap(), 1);
         assert_eq!(s.session_count().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn expired_user_index_entries_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(&dir.path().join("u.redb"), 0).unwrap();
+        let now = crate::model::now_ms();
+        let mut b = WriteBatch::new(key(5), now + 60_000);
+        b.users = vec![UserWrite::Join {
+            user: "u".into(),
+            entry: UserSession {
+                id: key(5).id.hex(),
+                tag: 1,
+                created: now,
+                seen: now,
+                expires: now + 30,
+                ip: None,
+                user_agent: None,
+            },
+            replaces: None,
+            max: None,
+        }];
+        s.write(&b).await.unwrap();
+        let count = || {
+            let txn = s.db.begin_read().unwrap();
+            txn.open_table(USERS).unwrap().len().unwrap()
+        };
+        assert_eq!(count(), 1);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        s.sweep().await.unwrap();
+        assert_eq!(count(), 0, "an expired entry outlived the sweep");
     }
 }

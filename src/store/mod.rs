@@ -654,6 +654,106 @@ mod tests {
         assert!(ended(key(5)).await && !ended(key(6)).await);
     }
 
+    /// The user index every backend keeps (`session.user_key`).
+    async fn user_index(store: &Store) {
+        let now = crate::model::now_ms();
+        let entry = |b: u8, created: u64, expires: u64| UserSession {
+            id: SessionId([b; 16]).hex(),
+            tag: 7,
+            created,
+            seen: created,
+            expires,
+            ip: None,
+            user_agent: None,
+        };
+        let join = |e: UserSession, replaces: Option<SessionId>, max: Option<usize>| {
+            let mut b = WriteBatch::new(e.key().unwrap(), now + 60_000);
+            b.users = vec![UserWrite::Join {
+                user: user_hash("alice"),
+                entry: e,
+                replaces,
+                max,
+            }];
+            b
+        };
+        let alice = user_hash("alice");
+        let listed = || async {
+            let mut ids: Vec<String> = store
+                .user_sessions(&alice)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.id)
+                .collect();
+            ids.sort();
+            ids
+        };
+        // Joins, with an expired entry that the next join prunes.
+        store
+            .write(&join(entry(1, now - 5, now + 60_000), None, None))
+            .await
+            .unwrap();
+        store
+            .write(&join(entry(2, now - 4, now + 60_000), None, None))
+            .await
+            .unwrap();
+        store
+            .write(&join(entry(9, now - 9, now + 1), None, None))
+            .await
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        assert_eq!(
+            listed().await,
+            vec![SessionId([1; 16]).hex(), SessionId([2; 16]).hex()]
+        );
+        // A Regenerate moves an entry; max evicts the oldest others.
+        store
+            .write(&join(
+                entry(3, now - 5, now + 60_000),
+                Some(SessionId([1; 16])),
+                None,
+            ))
+            .await
+            .unwrap();
+        let w = store
+            .write(&join(entry(4, now, now + 60_000), None, Some(2)))
+            .await
+            .unwrap();
+        let evicted: Vec<String> = w.evicted.into_iter().map(|e| e.id).collect();
+        assert_eq!(evicted, vec![SessionId([3; 16]).hex()]);
+        assert_eq!(
+            listed().await,
+            vec![SessionId([2; 16]).hex(), SessionId([4; 16]).hex()]
+        );
+        // Leave; an ended session is not listed; ending through the user
+        // drops it from the index.
+        let mut leave = WriteBatch::new(entry(2, 0, 0).key().unwrap(), now + 60_000);
+        leave.users = vec![UserWrite::Leave {
+            user: alice.clone(),
+            id: SessionId([2; 16]),
+        }];
+        store.write(&leave).await.unwrap();
+        assert_eq!(listed().await, vec![SessionId([4; 16]).hex()]);
+        let four = entry(4, 0, 0).key().unwrap();
+        store.end(&[(four, now + 60_000)], None).await.unwrap();
+        assert!(listed().await.is_empty());
+        let r = store.load(&four, ChannelSet::ALL, ENDED).await.unwrap();
+        assert!(r.ended);
+        assert!(store
+            .user_sessions(&user_hash("bob"))
+            .await
+            .unwrap()
+            .is_empty());
+    }
+
+    #[tokio::test]
+    async fn user_index_on_memory_and_embedded() {
+        user_index(&Store::Memory(memory::MemoryStore::new())).await;
+        let dir = tempfile::tempdir().unwrap();
+        let e = embedded::EmbeddedStore::open(&dir.path().join("u.redb"), 16).unwrap();
+        user_index(&Store::Embedded(e)).await;
+    }
+
     #[tokio::test]
     async fn ended_marks_on_memory_and_embedded() {
         ended_marks(&Store::Memory(memory::MemoryStore::new())).await;
