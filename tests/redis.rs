@@ -579,3 +579,34 @@ async fn redis_cluster_shared_session_and_reshard() {
     );
     assert_eq!(b.get("/", &[]).await.session()["user"], "alice");
 }
+
+/// The first request after Redis was killed and restarted on the same port
+/// succeeds — read, write and `/readyz` — instead of failing on the dead
+/// connection the gateway still held (issue 15, item 2).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_request_after_a_redis_restart_succeeds() {
+    let mut r = RedisServer::start();
+    let up = Upstream::start();
+    let g = Gateway::start(&redis_yaml(&up, &store_for(&r, ""), ""));
+    let c = client();
+    let admin = g.admin.unwrap();
+    for what in ["read", "write", "readyz"] {
+        let mut b = Browser::new(&g);
+        b.get("/", &[("X-Session-Set", "user=alice")]).await;
+        assert_eq!(b.get("/", &[]).await.session()["user"], "alice");
+        r.kill();
+        r.restart();
+        // Long enough for the old connection to be dead, not yet noticed.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let status = match what {
+            "read" => b.get("/", &[]).await.status,
+            "write" => b.get("/", &[("X-Session-Set", "user=bob")]).await.status,
+            _ => {
+                send(&c, c.get(format!("http://{admin}/readyz")))
+                    .await
+                    .status
+            }
+        };
+        assert_eq!(status, 200, "the first {what} after a restart failed");
+    }
+}

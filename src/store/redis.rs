@@ -368,8 +368,13 @@ impl RedisStore {
         for a in script_args(b, users) {
             inv.arg(a);
         }
-        let reply: Vec<String> =
-            with_conn!(conn.clone(), c => inv.invoke_async(&mut c).await).map_err(unavailable)?;
+        let mut reply: Result<Vec<String>, redis::RedisError> =
+            with_conn!(conn.clone(), c => inv.invoke_async(&mut c).await);
+        if reply.as_ref().is_err_and(|e| retryable(e, true)) {
+            // The script never left: once more on the fresh connection.
+            reply = with_conn!(conn.clone(), c => inv.invoke_async(&mut c).await);
+        }
+        let reply = reply.map_err(unavailable)?;
         match reply.first().map(String::as_str) {
             Some("ok") => Ok(Written {
                 evicted: reply[1..]
@@ -441,6 +446,17 @@ impl RedisStore {
     /// Every key name a session uses (tests and tools).
     pub fn keys_of(&self, key: &StoreKey) -> [String; 4] {
         self.channel_keys(key.tag, &key.id)
+    }
+}
+
+/// Worth one more try on a fresh connection: the connection was found dead.
+/// A write only when it could not be sent at all (refused): once sent, it
+/// may have run, and running it twice would double an Incr.
+fn retryable(e: &redis::RedisError, write: bool) -> bool {
+    if write {
+        e.is_connection_refusal()
+    } else {
+        e.is_connection_dropped()
     }
 }
 
@@ -565,9 +581,14 @@ impl SessionStore for RedisStore {
         if !check.ended && !check.moved && read.is_empty() {
             return Ok(out);
         }
-        let replies: Vec<redis::Value> =
-            with_conn!(conn, c => pipe.query_async(&mut c).await).map_err(unavailable)?;
-        let mut replies = replies.into_iter();
+        // A read is idempotent: on a connection found dead (Redis restarted
+        // since the last command), once more on the fresh one.
+        let mut replies: Result<Vec<redis::Value>, redis::RedisError> =
+            with_conn!(conn.clone(), c => pipe.query_async(&mut c).await);
+        if replies.as_ref().is_err_and(|e| retryable(e, false)) {
+            replies = with_conn!(conn, c => pipe.query_async(&mut c).await);
+        }
+        let mut replies = replies.map_err(unavailable)?.into_iter();
         if check.ended {
             let v = replies.next().unwrap_or(redis::Value::Nil);
             out.ended = redis::from_redis_value::<bool>(v).map_err(parsing)?;
@@ -766,9 +787,14 @@ impl SessionStore for RedisStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         let conn = self.conn().await?;
-        with_conn!(conn, c => redis::cmd("PING").query_async::<String>(&mut c).await)
-            .map(|_| ())
-            .map_err(unavailable)
+        let ping = |conn: Conn| async move {
+            with_conn!(conn, c => redis::cmd("PING").query_async::<String>(&mut c).await)
+        };
+        let mut r = ping(conn.clone()).await;
+        if r.as_ref().is_err_and(|e| retryable(e, false)) {
+            r = ping(conn).await;
+        }
+        r.map(|_| ()).map_err(unavailable)
     }
 }
 
