@@ -266,6 +266,9 @@ pub fn settle(
         (Err(e), _) => Commit::Rejected(e),
         (Ok(o), None | Some(Ok(()))) => Commit::Applied(o),
         (Ok(_), Some(Err(StoreError::Rejected(r)))) => Commit::Rejected(r.into()),
+        // Whatever `on_error` says: it may have been applied, so it is
+        // never reported as a rejection ("nothing applied").
+        (Ok(_), Some(Err(e @ StoreError::Unknown(_)))) => Commit::Unavailable(e),
         (Ok(_), Some(Err(e))) if on_error == OnError::Fail => Commit::Unavailable(e),
         (Ok(_), Some(Err(e))) => Commit::Rejected(DirectiveError::new(
             DirectiveErrorKind::StoreUnavailable,

@@ -217,6 +217,7 @@ impl Metrics {
                 m.store_ops.with_label_values(&[op, res]);
             }
         }
+        m.store_ops.with_label_values(&["write", "unknown"]);
         for r in ["ok", "error"] {
             m.config_reloads.with_label_values(&[r]);
         }

@@ -404,7 +404,7 @@ impl Gateway {
             });
         };
         ctx.store_round_trips += 1;
-        let written = self.timed("write", timeout, store.write(b)).await;
+        let written = self.measured("write", store.write_within(b, timeout)).await;
         Some(written.map(|w| {
             ctx.evicted = w.evicted;
         }))
@@ -530,8 +530,18 @@ impl Gateway {
             }
             Commit::Unavailable(e) => {
                 let id = ctx.session.meta.map(|m| m.id);
-                tracing::error!(route = %route.cfg.name, session = ?id, error = %e, "session store write failed after the upstream answered; answering 503");
-                ctx.answer = Some(LocalAnswer::store_unavailable());
+                let mut answer = LocalAnswer::store_unavailable();
+                if let StoreError::Unknown(_) = e {
+                    // Never claim less than what happened: the client must
+                    // not take this 503 for "nothing applied".
+                    tracing::error!(route = %route.cfg.name, session = ?id, error = %e, "session store write outcome unknown (all of the response's directives or none); answering 503 with X-Session-Write: unknown");
+                    answer
+                        .headers
+                        .push(("x-session-write", "unknown".to_string()));
+                } else {
+                    tracing::error!(route = %route.cfg.name, session = ?id, error = %e, "session store write failed after the upstream answered, nothing applied; answering 503");
+                }
+                ctx.answer = Some(answer);
                 Error::e_explain(HTTPStatus(503), "session store write failed")
             }
         }
@@ -566,17 +576,31 @@ impl Gateway {
         Ok(())
     }
 
+    /// A store round trip bounded by `timeout` (a timeout is a plain
+    /// failure: reads, and writes that cannot have run), counted.
     async fn timed<T>(
         &self,
         op: &'static str,
         timeout: Duration,
         f: impl std::future::Future<Output = std::result::Result<T, StoreError>>,
     ) -> std::result::Result<T, StoreError> {
+        self.measured(op, async {
+            match tokio::time::timeout(timeout, f).await {
+                Ok(r) => r,
+                Err(_) => Err(StoreError::Timeout),
+            }
+        })
+        .await
+    }
+
+    /// A store round trip that bounds itself, counted.
+    async fn measured<T>(
+        &self,
+        op: &'static str,
+        f: impl std::future::Future<Output = std::result::Result<T, StoreError>>,
+    ) -> std::result::Result<T, StoreError> {
         let t = Instant::now();
-        let r = match tokio::time::timeout(timeout, f).await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Timeout),
-        };
+        let r = f.await;
         let m = &self.shared.metrics;
         m.store_duration
             .with_label_values(&[op])

@@ -531,7 +531,9 @@ async fn redis_cluster_shared_session_and_reshard() {
             i += 1;
             let resp = b.get("/", &[("X-Session-Incr", "n=1")]).await;
             assert_eq!(resp.status, 200, "during reshard: {}", resp.body);
-            assert_eq!(b.get("/", &[]).await.session()["user"], "alice");
+            let read = b.get("/", &[]).await;
+            assert_eq!(read.status, 200, "read during reshard: {}", read.body);
+            assert_eq!(read.session()["user"], "alice");
             ok += 1;
         }
         ok

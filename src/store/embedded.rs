@@ -58,7 +58,9 @@ const SWEEP_EVERY: Duration = Duration::from_secs(30);
 type Reply = oneshot::Sender<Result<Written, StoreError>>;
 
 enum Msg {
-    Write(Box<WriteBatch>, Reply),
+    /// A batch, and the deadline past which the writer withdraws it
+    /// instead of applying it.
+    Write(Box<WriteBatch>, std::time::Instant, Reply),
     /// End these sessions (admin API, Destroy of a user, eviction).
     End(Vec<(StoreKey, u64)>, Option<String>, Reply),
     Sweep(oneshot::Sender<Result<usize, StoreError>>),
@@ -196,6 +198,16 @@ impl EmbeddedStore {
             path: path.to_path_buf(),
             cache,
         })
+    }
+
+    /// A write the writer withdraws if it cannot start it by `deadline`.
+    pub async fn write_by(
+        &self,
+        batch: &WriteBatch,
+        deadline: std::time::Instant,
+    ) -> Result<Written, StoreError> {
+        self.send(|tx| Msg::Write(Box::new(batch.clone()), deadline, tx))
+            .await
     }
 
     /// Hand the writer a message and wait for its answer.
@@ -613,7 +625,12 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Msg>, cache: Arc<Cache>) {
             let txn = db.begin_write()?;
             for m in &msgs {
                 match m {
-                    Msg::Write(b, _) => results.push(apply(&txn, b, now, &mut updates)?),
+                    // Past its deadline before it was applied: withdrawn,
+                    // so the 503 its request gets is true.
+                    Msg::Write(_, deadline, _) if std::time::Instant::now() > *deadline => {
+                        results.push(Err(StoreError::Timeout))
+                    }
+                    Msg::Write(b, _, _) => results.push(apply(&txn, b, now, &mut updates)?),
                     Msg::End(sessions, user, _) => {
                         end(&txn, sessions, user.as_deref(), &mut updates)?;
                         results.push(Ok(Written::default()));
@@ -650,7 +667,7 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Msg>, cache: Arc<Cache>) {
                 Err(e) => Err(StoreError::Unavailable(format!("embedded store: {e}"))),
             };
             match m {
-                Msg::Write(_, reply) | Msg::End(_, _, reply) => {
+                Msg::Write(_, _, reply) | Msg::End(_, _, reply) => {
                     let _ = reply.send(r);
                 }
                 Msg::Sweep(reply) => {
@@ -714,8 +731,8 @@ impl SessionStore for EmbeddedStore {
     }
 
     async fn write(&self, batch: &WriteBatch) -> Result<Written, StoreError> {
-        self.send(|tx| Msg::Write(Box::new(batch.clone()), tx))
-            .await
+        let forever = std::time::Instant::now() + Duration::from_secs(3600);
+        self.write_by(batch, forever).await
     }
 
     async fn user_sessions(&self, user: &str) -> Result<Vec<UserSession>, StoreError> {

@@ -344,6 +344,11 @@ pub enum StoreError {
     /// The store failed (connection refused, I/O error ...).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// A write was sent and no answer came in time (or the connection
+    /// dropped after it was sent): it may or may not have been applied. The
+    /// Redis write is one atomic script, so it is all of the batch or none.
+    #[error("store write outcome unknown: {0}")]
+    Unknown(String),
 }
 
 impl StoreError {
@@ -351,6 +356,7 @@ impl StoreError {
     pub fn result_label(&self) -> &'static str {
         match self {
             StoreError::Timeout => "timeout",
+            StoreError::Unknown(_) => "unknown",
             _ => "error",
         }
     }
@@ -430,6 +436,40 @@ impl Store {
             Store::Memory(s) => s.write(batch).await,
             Store::Embedded(s) => s.write(batch).await,
             Store::Redis(s) => s.write(batch).await,
+        }
+    }
+
+    /// A response's write within `timeout`, never answering less than what
+    /// happened: the embedded writer withdraws a batch whose deadline passed
+    /// before it was applied (and one it applied is committed and
+    /// acknowledged, however long the commit takes); a Redis write without
+    /// an answer in time is [`StoreError::Unknown`].
+    pub async fn write_within(
+        &self,
+        batch: &WriteBatch,
+        timeout: std::time::Duration,
+    ) -> Result<Written, StoreError> {
+        match self {
+            Store::Memory(s) => s.write(batch).await,
+            Store::Embedded(s) => {
+                let deadline = std::time::Instant::now() + timeout;
+                // Only a stuck writer (a hung disk) gets here.
+                let stuck = timeout
+                    .saturating_mul(20)
+                    .max(std::time::Duration::from_secs(5));
+                match tokio::time::timeout(stuck, s.write_by(batch, deadline)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(StoreError::Unknown(
+                        "the store writer did not answer".into(),
+                    )),
+                }
+            }
+            Store::Redis(s) => match tokio::time::timeout(timeout, s.write(batch)).await {
+                Ok(Err(StoreError::Timeout)) | Err(_) => {
+                    Err(StoreError::Unknown("redis: no answer in time".into()))
+                }
+                Ok(r) => r,
+            },
         }
     }
 

@@ -374,7 +374,14 @@ impl RedisStore {
             // The script never left: once more on the fresh connection.
             reply = with_conn!(conn.clone(), c => inv.invoke_async(&mut c).await);
         }
-        let reply = reply.map_err(unavailable)?;
+        let reply = reply.map_err(|e| {
+            if e.is_timeout() || (e.is_connection_dropped() && !e.is_connection_refusal()) {
+                // Sent, and no answer: it may have run.
+                StoreError::Unknown(format!("redis: {e}"))
+            } else {
+                unavailable(e)
+            }
+        })?;
         match reply.first().map(String::as_str) {
             Some("ok") => Ok(Written {
                 evicted: reply[1..]

@@ -535,14 +535,41 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free port p below 45536 with p + 10000 free too (a Cluster node's bus).
+pub fn free_cluster_port() -> u16 {
+    use std::sync::atomic::AtomicU16;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let seed = (std::process::id() as u64 * 7919
+        + std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64)
+        % 20000;
+    loop {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed) as u64;
+        let p = 20000 + ((seed + step * 37) % 25000) as u16;
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(p) && free(p + 10000) {
+            return p;
+        }
+    }
+}
+
 impl RedisServer {
     pub fn start() -> RedisServer {
         RedisServer::start_with(&[])
     }
 
     pub fn start_with(args: &[&str]) -> RedisServer {
+        // A Cluster node also listens on port + 10000 (its bus): pick a
+        // port where both are free and below 65536.
+        let cluster = args.contains(&"--cluster-enabled");
         let mut r = RedisServer {
-            port: free_port(),
+            port: if cluster {
+                free_cluster_port()
+            } else {
+                free_port()
+            },
             child: None,
             dir: tempfile::tempdir().unwrap(),
             args: args.iter().map(|s| s.to_string()).collect(),
