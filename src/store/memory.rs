@@ -34,6 +34,13 @@ impl Maps {
     }
 }
 
+/// Shrink a map that holds far less than it has room for.
+fn shrink<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 2 * map.len() + 64 {
+        map.shrink_to_fit();
+    }
+}
+
 #[derive(Default)]
 pub struct MemoryStore {
     // A std mutex is right here: it is never held across an await, and every
@@ -57,7 +64,18 @@ impl MemoryStore {
             index.retain(|_, e| e.expires > now);
         }
         m.users.retain(|_, index| !index.is_empty());
+        // Give the memory back: a map keeps its largest capacity otherwise
+        // (200k expired sessions held ~200 MB after the sweep).
+        shrink(&mut m.records);
+        shrink(&mut m.ended);
+        shrink(&mut m.moved);
+        shrink(&mut m.users);
         before - m.records.len()
+    }
+
+    /// Capacity of the records map (tests).
+    pub fn capacity(&self) -> usize {
+        self.maps.lock().unwrap().records.capacity()
     }
 
     pub fn len(&self) -> usize {
@@ -220,5 +238,41 @@ impl SessionStore for MemoryStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ChannelWrite;
+
+    #[tokio::test]
+    async fn a_sweep_gives_the_memory_back() {
+        let s = MemoryStore::new();
+        let now = crate::model::now_ms();
+        for i in 0..20_000u32 {
+            let mut id = [0u8; 16];
+            id[..4].copy_from_slice(&i.to_le_bytes());
+            let mut b = WriteBatch::new(
+                StoreKey {
+                    id: SessionId(id),
+                    tag: 1,
+                },
+                now + 20,
+            );
+            b.channels[0] = ChannelWrite {
+                set: vec![("k".into(), "v".into())],
+                ..Default::default()
+            };
+            s.write(&b).await.unwrap();
+        }
+        assert!(s.capacity() >= 20_000);
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        assert_eq!(s.sweep(crate::model::now_ms()), 20_000);
+        assert!(
+            s.capacity() < 1_000,
+            "capacity {} after the sweep",
+            s.capacity()
+        );
     }
 }
