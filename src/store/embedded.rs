@@ -52,8 +52,9 @@ const GROUP: usize = 256;
 /// How long a checked session without store data stays cached (its entry
 /// is replaced by any write to it, so this only bounds the memory it holds).
 const NEGATIVE_TTL_MS: u64 = 60_000;
-/// How often expired sessions are deleted.
-const SWEEP_EVERY: Duration = Duration::from_secs(30);
+/// How often expired sessions are looked for (then deleted in batches of
+/// [`SWEEP_BATCH`] until none are left).
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 type Reply = oneshot::Sender<Result<Written, StoreError>>;
 
@@ -559,20 +560,33 @@ fn sweep_users(
     Ok(())
 }
 
-fn sweep(txn: &redb::WriteTransaction, now: u64) -> Result<usize, redb::Error> {
+/// Expired sessions (and ended marks past their sessions) deleted per
+/// sweep transaction: small, so a write queued behind a sweep waits for one
+/// short commit, never for a long purge.
+const SWEEP_BATCH: usize = 500;
+
+/// One bounded sweep: at most `limit` expired sessions and `limit` old ended
+/// marks. Returns the sessions deleted and whether more are due.
+fn sweep(
+    txn: &redb::WriteTransaction,
+    now: u64,
+    limit: usize,
+) -> Result<(usize, bool), redb::Error> {
     let mut data = txn.open_table(DATA)?;
     let mut session = txn.open_table(SESSION)?;
     let mut expiry = txn.open_table(EXPIRY)?;
     let hi = expiry_key(now, &SessionId([0xff; 16]));
     let mut ids = Vec::new();
+    let mut more = false;
     for item in expiry.range::<&[u8]>(..&hi[..])? {
         let (k, _) = item?;
+        if ids.len() == limit {
+            more = true;
+            break;
+        }
         let mut id = [0u8; 16];
         id.copy_from_slice(&k.value()[8..]);
         ids.push(SessionId(id));
-        if ids.len() >= 10_000 {
-            break;
-        }
     }
     for id in &ids {
         delete_session(&mut data, &mut session, &mut expiry, id)?;
@@ -582,26 +596,49 @@ fn sweep(txn: &redb::WriteTransaction, now: u64) -> Result<usize, redb::Error> {
     let mut index = txn.open_table(ENDED_EXPIRY)?;
     let mut gone = Vec::new();
     for item in index.range::<&[u8]>(..&hi[..])? {
-        gone.push(item?.0.value().to_vec());
-        if gone.len() >= 10_000 {
+        if gone.len() == limit {
+            more = true;
             break;
         }
+        gone.push(item?.0.value().to_vec());
     }
     for k in &gone {
         index.remove(&k[..])?;
         ended.remove(&k[8..])?;
     }
+    // Forwards live seconds and are few.
     txn.open_table(MOVED)?.retain(|_, v| {
         v.len() >= 8 && u64::from_be_bytes(v[..8].try_into().expect("8 bytes")) > now
     })?;
-    Ok(ids.len())
+    Ok((ids.len(), more))
+}
+
+/// One sweep batch in its own transaction.
+fn sweep_once(
+    db: &Database,
+    now: u64,
+    users_cursor: &mut Vec<u8>,
+) -> Result<(usize, bool), redb::Error> {
+    let txn = db.begin_write()?;
+    let r = sweep(&txn, now, SWEEP_BATCH)?;
+    sweep_users(&txn, now, users_cursor)?;
+    txn.commit()?;
+    Ok(r)
 }
 
 fn writer(db: Arc<Database>, rx: mpsc::Receiver<Msg>, cache: Arc<Cache>) {
     let mut last_sweep = std::time::Instant::now();
     let mut users_cursor = Vec::new();
+    // More expired sessions are waiting than one batch took: sweep again
+    // as soon as no write is waiting.
+    let mut backlog = false;
     loop {
-        let first = match rx.recv_timeout(SWEEP_EVERY) {
+        let wait = if backlog {
+            Duration::ZERO
+        } else {
+            SWEEP_EVERY.saturating_sub(last_sweep.elapsed())
+        };
+        let first = match rx.recv_timeout(wait) {
             Ok(m) => Some(m),
             Err(mpsc::RecvTimeoutError::Timeout) => None,
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -613,66 +650,82 @@ fn writer(db: Arc<Database>, rx: mpsc::Receiver<Msg>, cache: Arc<Cache>) {
                 Err(_) => break,
             }
         }
-        let due = last_sweep.elapsed() >= SWEEP_EVERY;
-        if msgs.is_empty() && !due {
-            continue;
-        }
         let now = crate::model::now_ms();
-        let mut results: Vec<Result<Written, StoreError>> = Vec::with_capacity(msgs.len());
-        let mut updates = CacheUpdates::new();
-        let mut swept = 0;
-        let mut run = || -> Result<(), redb::Error> {
-            let txn = db.begin_write()?;
-            for m in &msgs {
-                match m {
-                    // Past its deadline before it was applied: withdrawn,
-                    // so the 503 its request gets is true.
-                    Msg::Write(_, deadline, _) if std::time::Instant::now() > *deadline => {
-                        results.push(Err(StoreError::Timeout))
-                    }
-                    Msg::Write(b, _, _) => results.push(apply(&txn, b, now, &mut updates)?),
-                    Msg::End(sessions, user, _) => {
-                        end(&txn, sessions, user.as_deref(), &mut updates)?;
-                        results.push(Ok(Written::default()));
-                    }
-                    Msg::Sweep(_) => {
-                        swept += sweep(&txn, now)?;
-                        sweep_users(&txn, now, &mut users_cursor)?;
-                        results.push(Ok(Written::default()));
+        if !msgs.is_empty() {
+            group(&db, msgs, now, &cache, &mut users_cursor);
+        }
+        if backlog || last_sweep.elapsed() >= SWEEP_EVERY {
+            match sweep_once(&db, now, &mut users_cursor) {
+                Ok((swept, more)) => {
+                    backlog = more;
+                    if swept > 0 {
+                        tracing::debug!(swept, more, "embedded store: expired sessions deleted");
                     }
                 }
+                Err(e) => {
+                    backlog = false;
+                    tracing::warn!(error = %e, "embedded store: sweep failed");
+                }
             }
-            if due {
-                swept += sweep(&txn, now)?;
-                sweep_users(&txn, now, &mut users_cursor)?;
-            }
-            txn.commit()?;
-            Ok(())
-        };
-        let outcome = run();
-        if outcome.is_ok() {
-            // Before any reply: a request that saw its write acknowledged
-            // reads the new data.
-            cache.committed(updates);
-        }
-        if due {
-            last_sweep = std::time::Instant::now();
-            if swept > 0 {
-                tracing::debug!(swept, "embedded store: expired sessions deleted");
+            if !backlog {
+                last_sweep = std::time::Instant::now();
             }
         }
-        for (i, m) in msgs.into_iter().enumerate() {
-            let r = match &outcome {
-                Ok(()) => results.get(i).cloned().unwrap_or(Ok(Written::default())),
-                Err(e) => Err(StoreError::Unavailable(format!("embedded store: {e}"))),
-            };
+    }
+}
+
+/// Commit a group of messages in one transaction and answer each.
+fn group(db: &Database, msgs: Vec<Msg>, now: u64, cache: &Cache, users_cursor: &mut Vec<u8>) {
+    let mut results: Vec<Result<Written, StoreError>> = Vec::with_capacity(msgs.len());
+    let mut updates = CacheUpdates::new();
+    let run = |results: &mut Vec<Result<Written, StoreError>>,
+               updates: &mut CacheUpdates|
+     -> Result<(), redb::Error> {
+        let txn = db.begin_write()?;
+        for m in &msgs {
             match m {
-                Msg::Write(_, _, reply) | Msg::End(_, _, reply) => {
-                    let _ = reply.send(r);
+                // Past its deadline before it was applied: withdrawn, so
+                // the 503 its request gets is true.
+                Msg::Write(_, deadline, _) if std::time::Instant::now() > *deadline => {
+                    results.push(Err(StoreError::Timeout))
                 }
-                Msg::Sweep(reply) => {
-                    let _ = reply.send(r.map(|_| swept));
+                Msg::Write(b, _, _) => results.push(apply(&txn, b, now, updates)?),
+                Msg::End(sessions, user, _) => {
+                    end(&txn, sessions, user.as_deref(), updates)?;
+                    results.push(Ok(Written::default()));
                 }
+                Msg::Sweep(_) => results.push(Ok(Written::default())),
+            }
+        }
+        txn.commit()?;
+        Ok(())
+    };
+    let outcome = run(&mut results, &mut updates);
+    if outcome.is_ok() {
+        // Before any reply: a request that saw its write acknowledged
+        // reads the new data.
+        cache.committed(updates);
+    }
+    for (i, m) in msgs.into_iter().enumerate() {
+        let r = match &outcome {
+            Ok(()) => results.get(i).cloned().unwrap_or(Ok(Written::default())),
+            Err(e) => Err(StoreError::Unavailable(format!("embedded store: {e}"))),
+        };
+        match m {
+            Msg::Write(_, _, reply) | Msg::End(_, _, reply) => {
+                let _ = reply.send(r);
+            }
+            // An explicit sweep (tests, tools): every batch, now.
+            Msg::Sweep(reply) => {
+                let mut total = 0;
+                let swept = loop {
+                    match sweep_once(db, now, users_cursor) {
+                        Ok((n, true)) => total += n,
+                        Ok((n, false)) => break Ok(total + n),
+                        Err(e) => break Err(unavailable(e)),
+                    }
+                };
+                let _ = reply.send(swept);
             }
         }
     }
@@ -928,5 +981,41 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         s.sweep().await.unwrap();
         assert_eq!(count(), 0, "an expired entry outlived the sweep");
+    }
+
+    #[tokio::test]
+    async fn a_sweep_transaction_deletes_a_small_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EmbeddedStore::open(&dir.path().join("s.redb"), 0).unwrap();
+        let now = crate::model::now_ms();
+        let writes: Vec<_> = (0..1_200u32)
+            .map(|i| {
+                let mut id = [0u8; 16];
+                id[..4].copy_from_slice(&i.to_le_bytes());
+                let mut b = set(
+                    StoreKey {
+                        id: SessionId(id),
+                        tag: 1,
+                    },
+                    &[("x", "1")],
+                );
+                b.expire_at = now + 20;
+                b
+            })
+            .collect();
+        let acks: Vec<_> = writes.iter().map(|b| s.write(b)).collect();
+        for a in acks {
+            a.await.unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+        // One transaction takes at most SWEEP_BATCH, and says more are due.
+        let later = crate::model::now_ms();
+        let txn = s.db.begin_write().unwrap();
+        let (n, more) = sweep(&txn, later, SWEEP_BATCH).unwrap();
+        txn.commit().unwrap();
+        assert_eq!((n, more), (SWEEP_BATCH, true));
+        // The explicit sweep finishes the rest, batch by batch.
+        assert_eq!(s.sweep().await.unwrap(), 1_200 - SWEEP_BATCH);
+        assert_eq!(s.session_count().unwrap(), 0);
     }
 }
