@@ -176,7 +176,19 @@ pub async fn sessions_api(shared: &Shared, call: ApiCall<'_>) -> (u16, String) {
             None => (404, json_error("store.kind is none: no sessions to manage")),
             Some(store) => {
                 let lifetime = state.config.session.settings.lifetime;
-                api_op(store, op, id_part, param("user"), param("tag"), lifetime).await
+                let call = api_op(store, op, id_part, param("user"), param("tag"), lifetime);
+                // A SCAN of a large keyspace, or a store that hangs, is
+                // bounded like any request.
+                let bound = state
+                    .config
+                    .store
+                    .timeout
+                    .saturating_mul(20)
+                    .max(Duration::from_secs(5));
+                match tokio::time::timeout(bound, call).await {
+                    Ok(r) => r,
+                    Err(_) => (503, json_error("the store did not answer in time")),
+                }
             }
         },
     };
@@ -191,11 +203,13 @@ pub async fn sessions_api(shared: &Shared, call: ApiCall<'_>) -> (u16, String) {
 }
 
 fn authorized(token: &str, header: Option<&[u8]>) -> bool {
+    use sha2::{Digest, Sha256};
     use subtle::ConstantTimeEq;
     let Some(given) = header.and_then(|h| h.strip_prefix(b"Bearer ")) else {
         return false;
     };
-    bool::from(given.ct_eq(token.as_bytes()))
+    // Digests, so the comparison does not even reveal the token's length.
+    bool::from(Sha256::digest(given).ct_eq(&Sha256::digest(token.as_bytes())))
 }
 
 /// `ms` as unix seconds, like `X-Session-Created`.
@@ -231,10 +245,12 @@ async fn api_op(
     use crate::model::SessionId;
     use crate::store::{user_hash, StoreKey};
     let failed = |e: crate::store::StoreError| (503, json_error(&format!("the store failed: {e}")));
-    let tag = match tag.map(|t| u32::from_str_radix(t, 16)) {
+    let tag = match tag {
         None => None,
-        Some(Ok(t)) => Some(t),
-        Some(Err(_)) => return (400, json_error("tag is 8 hex digits")),
+        Some(t) if t.len() == 8 && t.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            u32::from_str_radix(t, 16).ok()
+        }
+        Some(_) => return (400, json_error("tag is 8 hex digits")),
     };
     match op {
         "list" | "revoke_user" => {
@@ -265,6 +281,14 @@ async fn api_op(
             };
             let found = match store.inspect(&sid, tag).await {
                 Ok(f) => f,
+                Err(crate::store::StoreError::Unavailable(m))
+                    if m.contains("look the session up by its user") =>
+                {
+                    return (
+                        400,
+                        json_error("on Redis Cluster give ?tag= (GET /sessions?user=... lists it)"),
+                    )
+                }
                 Err(e) => return failed(e),
             };
             if op == "show" {
@@ -285,7 +309,13 @@ async fn api_op(
             };
             let until = crate::store::ended_until(crate::model::now_ms().saturating_add(lifetime));
             match store.end(&[(StoreKey { id: sid, tag }, until)], None).await {
-                Ok(()) => (200, serde_json::json!({ "ended": 1 }).to_string()),
+                // `found: false`: nothing of it was in the store (a session
+                // whose keys all live in its cookie, or a wrong tag); its id
+                // is remembered as ended all the same.
+                Ok(()) => (
+                    200,
+                    serde_json::json!({ "ended": 1, "found": found.is_some() }).to_string(),
+                ),
                 Err(e) => failed(e),
             }
         }

@@ -180,8 +180,12 @@ fn sessions(config: Option<PathBuf>, json: bool, op: SessionsOp) -> Result<(), S
             format!("/sessions?user={}", enc(user.as_deref().unwrap_or(""))),
         ),
     };
-    let host = addr.ip().to_string();
-    let auth = format!("Bearer {token}");
+    // An IPv6 address goes in brackets in a Host header.
+    let host = match addr.ip() {
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+        ip => ip.to_string(),
+    };
+    let auth = format!("Bearer {}", &*token);
     let (status, body) = http_call(
         method,
         &host,
@@ -363,7 +367,11 @@ fn http_call(
         .map_err(|e| e.to_string())?;
     rt.block_on(async move {
         let probe = async {
-            let peer = pingora::upstreams::peer::HttpPeer::new((host, port), false, String::new());
+            let peer = pingora::upstreams::peer::HttpPeer::new(
+                (host.trim_start_matches('[').trim_end_matches(']'), port),
+                false,
+                String::new(),
+            );
             let connector = pingora::connectors::http::Connector::new(None);
             let (mut s, _) = connector
                 .get_http_session(&peer)

@@ -443,8 +443,18 @@ impl Gateway {
             .filter_map(|e| e.key().map(|k| (k, crate::store::ended_until(e.expires))))
             .collect();
         if !evicted.is_empty() {
+            // The login's user: its index still lists the evicted sessions
+            // until they are ended here.
+            let user = o.batch.as_ref().and_then(|b| {
+                b.users.iter().find_map(|u| match u {
+                    crate::store::UserWrite::Join {
+                        user, max: Some(_), ..
+                    } => Some(user.as_str()),
+                    _ => None,
+                })
+            });
             ctx.store_round_trips += 1;
-            self.timed("write", timeout, store.end(&evicted, None))
+            self.timed("write", timeout, store.end(&evicted, user))
                 .await?;
             m.sessions
                 .with_label_values(&["evicted"])
@@ -455,8 +465,11 @@ impl Gateway {
             let all = self
                 .timed("read", timeout, store.user_sessions(user))
                 .await?;
+            // Not the session this response keeps (a fresh login here).
+            let keep = o.meta.map(|m| m.id.hex());
             let keys: Vec<_> = all
                 .iter()
+                .filter(|e| Some(&e.id) != keep.as_ref())
                 .filter_map(|e| e.key().map(|k| (k, crate::store::ended_until(e.expires))))
                 .collect();
             self.timed("write", timeout, store.end(&keys, Some(user)))

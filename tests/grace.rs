@@ -8,7 +8,7 @@ use std::time::Duration;
 
 fn yaml(up: &Upstream, store: &str, revocation: bool) -> String {
     format!(
-        "session:\n  secrets: [\"{SECRET}\"]\n  revocation: {revocation}\n  regenerate_grace: 2s\n  keys: {{ user: {{ clientside: true }}, cart: {{ clientside: false }}, n: {{ clientside: false }} }}\nstore: {store}\nroutes:\n  - name: app\n    upstreams: [\"{}\"]\n",
+        "session:\n  secrets: [\"{SECRET}\"]\n  dev_insecure: true\n  revocation: {revocation}\n  regenerate_grace: 2s\n  keys: {{ user: {{ clientside: true }}, cart: {{ clientside: false }}, n: {{ clientside: false }} }}\nstore: {store}\nroutes:\n  - name: app\n    upstreams: [\"{}\"]\n",
         up.addr
     )
 }
@@ -177,9 +177,10 @@ async fn no_grace_no_follow() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_https_login_is_not_continued_over_http() {
     let up = Upstream::start();
+    // A real HTTPS deployment (behind a trusted TLS proxy), not dev_insecure.
     let y = format!(
         "trusted_proxies: [127.0.0.1/32]\n{}",
-        yaml(&up, "{ kind: memory }", true)
+        yaml(&up, "{ kind: memory }", true).replace("  dev_insecure: true\n", "")
     );
     let g = Gateway::start(&y);
     let https = [("x-forwarded-proto", "https")];
@@ -268,4 +269,41 @@ async fn a_clientside_write_racing_a_login_follows_it() {
     assert_eq!(id, new_id, "the login was lost");
     assert_eq!(keys.get("user").map(String::as_str), Some("alice"));
     assert_eq!(keys.get("cart").map(String::as_str), Some("2"));
+}
+
+/// Two binding cookies (the browser's and one planted beside it): neither
+/// is trusted, so nothing follows.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_binding_cookies_bind_nothing() {
+    let up = Upstream::start();
+    let g = Gateway::start(&yaml(&up, "{ kind: memory }", false));
+    let mut b = Browser::new(&g);
+    b.get("/", &[("X-Session-Set", "cart=1")]).await;
+    let before = b.jar.clone();
+    let binding = before.get("gimlet-b").expect("a binding").to_string();
+    b.get(
+        "/login",
+        &[
+            ("X-Session-Regenerate", "1"),
+            ("X-Session-Set", "user=alice"),
+        ],
+    )
+    .await;
+    let bare = Browser {
+        c: client(),
+        jar: Jar::default(),
+        base: b.base.clone(),
+    };
+    let header = format!("{}; gimlet-b={}", before.header(), "0".repeat(32));
+    let r = bare.get_with("/", &[], &[("cookie", &header)]).await;
+    assert_eq!(r.status, 200);
+    assert!(
+        !r.session().contains_key("user"),
+        "followed with two bindings"
+    );
+    // The browser's own binding alone follows.
+    let header = before.header();
+    assert!(header.contains(&binding));
+    let r = bare.get_with("/", &[], &[("cookie", &header)]).await;
+    assert_eq!(r.session().get("user").map(String::as_str), Some("alice"));
 }

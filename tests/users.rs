@@ -214,6 +214,35 @@ async fn users_on(store: &str) {
     );
     assert_eq!(d5.id().await, None, "{store}");
 
+    // "Log out the other devices, stay here": Destroy: user + a new login
+    // of the same user ends the others and keeps this one.
+    let mut e1 = Device::new(&g, "device-6");
+    let mut e2 = Device::new(&g, "device-7");
+    e1.login("alice").await;
+    let other = e2.login("alice").await;
+    let r = e1
+        .get(
+            "/others-out",
+            &[
+                ("X-Session-Destroy", "user"),
+                ("X-Session-Set", "user=alice"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status, 200, "{store}: {}", r.body);
+    let kept = e1.id().await.expect("still logged in here");
+    assert_eq!(e2.id().await, None, "{store}: the other device lives on");
+    let (_, v) = api(&g, "GET", "/sessions?user=alice", Some(TOKEN)).await;
+    assert_eq!(ids(&v), vec![kept.clone()], "{store}: {v}");
+    assert_ne!(kept, other);
+    // The user key cannot be incremented (the index would not know it).
+    let r = e1.get("/", &[("X-Session-Incr", "user=1")]).await;
+    assert_eq!(r.status, 502, "{store}: {}", r.body);
+    assert!(r.body.contains("(not_allowed)"));
+    // A tag is exactly 8 hex digits.
+    let (status, _) = api(&g, "GET", &format!("/sessions/{kept}?tag=+1f"), Some(TOKEN)).await;
+    assert_eq!(status, 400);
+
     // All of a user's, through the API.
     let (status, v) = api(&g, "DELETE", "/sessions?user=bob", Some(TOKEN)).await;
     assert_eq!(
@@ -293,6 +322,21 @@ async fn user_key_needs_revocation() {
     );
     assert!(
         err.contains("session.max_per_user: must be at least 1"),
+        "{err}"
+    );
+    std::fs::write(
+        &f,
+        format!("session:\n  secrets: [\"{SECRET}\"]\n  revocation: true\n  user_key: user\n  keys: {{ user: {{ secure: true }} }}\nroutes:\n  - name: a\n    upstreams: [\"127.0.0.1:1\"]\n"),
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin())
+        .args(["check", "-c"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("session.user_key: must not be a secure key"),
         "{err}"
     );
 }

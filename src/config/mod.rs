@@ -46,8 +46,8 @@ pub struct Config {
     pub file: PathBuf,
     pub listen: Vec<Listener>,
     pub admin: Option<SocketAddr>,
-    /// `admin.token`: the session admin API is on when set. Never logged.
-    pub admin_token: Option<String>,
+    /// `admin.token`: the session admin API is on when set.
+    pub admin_token: Option<Redacted>,
     pub trusted_proxies: Vec<IpNet>,
     pub log: LogConfig,
     pub session: SessionConfig,
@@ -87,6 +87,23 @@ pub enum LogFormat {
 pub struct LogConfig {
     pub format: LogFormat,
     pub level: String,
+}
+
+/// A secret that never shows in `Debug` output (logs, panics).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Redacted(pub String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::ops::Deref for Redacted {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -319,7 +336,7 @@ fn build(raw: RawConfig, file: &Path, base: &Path, e: &mut Errors) -> Config {
         file: file.to_path_buf(),
         listen,
         admin,
-        admin_token,
+        admin_token: admin_token.map(Redacted),
         trusted_proxies,
         log,
         session,

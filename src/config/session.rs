@@ -214,6 +214,12 @@ pub(super) fn build_session(
                     "needs session.revocation: true (ending a user's sessions must reach the ones whose keys live in the cookie)",
                 );
             }
+            if raw.keys.get(k).is_some_and(|p| p.secure == Some(true)) {
+                e.add(
+                    "session.user_key",
+                    "must not be a secure key: whose a session is must be known on plain HTTP requests too",
+                );
+            }
             if raw.max_per_user == Some(0) {
                 e.add("session.max_per_user", "must be at least 1");
             }

@@ -61,10 +61,16 @@ impl Session {
         // both, and the real one must not be lost to the planted one.
         let mut valid: [Vec<(Payload, bool)>; 4] = Default::default();
         let mut seen = [0usize; 4];
+        let mut bindings = 0;
         for h in headers {
             for (name, value) in cookie::pairs(h) {
-                if name == spec.binding_name(req.https).as_bytes() && valid_binding(value) {
-                    s.binding = std::str::from_utf8(value).ok().map(str::to_string);
+                if name == spec.binding_name(req.https).as_bytes() {
+                    // Two of them: one was planted; trust neither.
+                    bindings += 1;
+                    s.binding = std::str::from_utf8(value)
+                        .ok()
+                        .filter(|v| bindings == 1 && valid_binding(v.as_bytes()))
+                        .map(str::to_string);
                     continue;
                 }
                 let Some(ch) = spec.channel_exact(name) else {

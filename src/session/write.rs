@@ -498,6 +498,19 @@ impl Session {
                 "the session store is unavailable, so session.revocation cannot tell whether this session is live".to_string(),
             ));
         }
+        if let Some(k) = s
+            .users
+            .as_ref()
+            .and_then(|u| d.incr.iter().find(|(k, _)| *k == u.key))
+            .map(|(k, _)| k)
+        {
+            // The index must know who the session belongs to when the
+            // write is planned; an Incr's result is known to the store only.
+            return Err(err(
+                DirectiveErrorKind::NotAllowed,
+                format!("X-Session-Incr: `{k}` is session.user_key"),
+            ));
+        }
         if d.destroy_user && s.users.is_none() {
             return Err(err(
                 DirectiveErrorKind::BadValue,
@@ -716,9 +729,12 @@ impl Session {
         let mut out = std::mem::take(&mut w.out);
         out.meta = w.meta;
         if w.destroy_user {
-            out.end_user = users.iter().find_map(|u| match u {
-                UserWrite::Leave { user, .. } => Some(user.clone()),
-                UserWrite::Join { .. } => None,
+            // The user the request's session belonged to, whatever the
+            // response set after (a "log out everywhere, stay logged in
+            // here" sets the same user again on the new session).
+            out.end_user = cx.settings.users.as_ref().and_then(|p| {
+                self.meta?;
+                self.get(&p.key, cx.settings).map(user_hash)
             });
         }
         for ch in CHANNELS {
@@ -743,10 +759,12 @@ impl Session {
                 None => {}
             }
         }
-        // A browser that gets a session cookie and has no binding gets one
-        // (what a regenerate grace is bound to).
+        // A browser that gets a session cookie over HTTPS and has no
+        // binding gets one (what a regenerate grace is bound to). Over
+        // plain HTTP anyone on the path, or on a sibling domain, could plant
+        // one, so there is no grace there.
         let sets = out.set_cookies.iter().any(|l| !l.contains("=; Max-Age=0"));
-        if cx.settings.regenerate_grace > 0 && self.binding.is_none() && sets {
+        if cx.https && cx.settings.regenerate_grace > 0 && self.binding.is_none() && sets {
             let value = crate::model::SessionId::random().hex();
             out.set_cookies.push(cx.spec.binding_line(
                 &value,
@@ -892,7 +910,7 @@ impl Session {
                 // The forward is bound to the browser's binding cookie: a
                 // login from a browser without one leaves none.
                 if let (true, Some(binding)) = (
-                    b.rename_from.is_some() && grace > 0 && !w.sealed.is_empty(),
+                    b.rename_from.is_some() && grace > 0 && cx.https && !w.sealed.is_empty(),
                     self.binding.as_deref(),
                 ) {
                     let header: Vec<String> = w

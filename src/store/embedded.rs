@@ -479,9 +479,19 @@ fn apply_users(
             } => {
                 let before = user_index(&users, user)?;
                 let mut index = before.clone();
-                written
-                    .evicted
-                    .extend(join_index(&mut index, entry, replaces.as_ref(), *max, now));
+                let ended = txn.open_table(ENDED)?;
+                let is_ended = |e: &UserSession| {
+                    e.key()
+                        .is_some_and(|k| is_ended(&ended, &k.id, now).unwrap_or(false))
+                };
+                written.evicted.extend(join_index(
+                    &mut index,
+                    entry,
+                    replaces.as_ref(),
+                    *max,
+                    now,
+                    &is_ended,
+                ));
                 for id in before.keys().filter(|id| !index.contains_key(*id)) {
                     if let Some(id) = SessionId::from_hex(id) {
                         users.remove(&user_key(user, &id)[..])?;

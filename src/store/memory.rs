@@ -172,10 +172,20 @@ impl SessionStore for MemoryStore {
                     replaces,
                     max,
                 } => {
-                    let index = m.users.entry(user.clone()).or_default();
-                    written
-                        .evicted
-                        .extend(join_index(index, entry, replaces.as_ref(), *max, now));
+                    let Maps { users, ended, .. } = &mut *m;
+                    let index = users.entry(user.clone()).or_default();
+                    let is_ended = |e: &UserSession| {
+                        e.key()
+                            .is_some_and(|k| ended.get(&k.id).is_some_and(|u| *u > now))
+                    };
+                    written.evicted.extend(join_index(
+                        index,
+                        entry,
+                        replaces.as_ref(),
+                        *max,
+                        now,
+                        &is_ended,
+                    ));
                 }
             }
         }

@@ -130,33 +130,30 @@ pub struct Inspected {
 
 /// A join to one user's index (id -> entry), the reference semantics
 /// every backend follows: drop `replaces`, upsert, prune expired entries,
-/// then with `max` evict the oldest (by creation, then id) other entries.
+/// then with `max` pick the oldest (by creation, then id) other entries
+/// beyond it. They stay in the index until the gateway has ended them
+/// (`end` with the user drops them): a failure in between must not leave
+/// live sessions that no "log out everywhere" can find.
 pub fn join_index(
     index: &mut BTreeMap<String, UserSession>,
     entry: &UserSession,
     replaces: Option<&SessionId>,
     max: Option<usize>,
     now: u64,
+    ended: &dyn Fn(&UserSession) -> bool,
 ) -> Vec<UserSession> {
     if let Some(r) = replaces {
         index.remove(&r.hex());
     }
     index.insert(entry.id.clone(), entry.clone());
-    index.retain(|_, e| e.expires > now);
+    // Expired and ended sessions leave (and do not count toward `max`).
+    index.retain(|_, e| e.id == entry.id || (e.expires > now && !ended(e)));
     let mut evicted = Vec::new();
     if let Some(max) = max {
-        while index.len() > max {
-            let Some(oldest) = index
-                .values()
-                .filter(|e| e.id != entry.id)
-                .min_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)))
-                .cloned()
-            else {
-                break;
-            };
-            index.remove(&oldest.id);
-            evicted.push(oldest);
-        }
+        let mut others: Vec<&UserSession> = index.values().filter(|e| e.id != entry.id).collect();
+        others.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
+        let over = index.len().saturating_sub(max);
+        evicted.extend(others.into_iter().take(over).cloned());
     }
     evicted
 }
@@ -759,8 +756,16 @@ mod tests {
             .write(&join(entry(4, now, now + 60_000), None, Some(2)))
             .await
             .unwrap();
-        let evicted: Vec<String> = w.evicted.into_iter().map(|e| e.id).collect();
+        let evicted: Vec<String> = w.evicted.iter().map(|e| e.id.clone()).collect();
         assert_eq!(evicted, vec![SessionId([3; 16]).hex()]);
+        // Listed until ended: a failure in between loses nothing.
+        assert_eq!(listed().await.len(), 3);
+        let keys: Vec<_> = w
+            .evicted
+            .iter()
+            .map(|e| (e.key().unwrap(), now + 60_000))
+            .collect();
+        store.end(&keys, Some(&alice)).await.unwrap();
         assert_eq!(
             listed().await,
             vec![SessionId([2; 16]).hex(), SessionId([4; 16]).hex()]

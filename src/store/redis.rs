@@ -203,7 +203,11 @@ local function user_op(ukey, op, now)
   local last = 0
   for i = 1, #all, 2 do
     local e = cjson.decode(all[i + 1])
-    if e.expires <= now then
+    -- Standalone only (op.prefix set): an ended session leaves too; on a
+    -- Cluster its mark lives in another slot, and listing filters it.
+    local ended = op.prefix and all[i] ~= op.id and redis.call("EXISTS",
+      op.prefix .. "{" .. string.format("%08x", e.tag) .. "}:" .. all[i] .. ":x") == 1
+    if e.expires <= now or ended then
       redis.call("HDEL", ukey, all[i])
     else
       live[#live + 1] = { all[i], e.created, all[i + 1] }
@@ -219,7 +223,7 @@ local function user_op(ukey, op, now)
     for i = 1, #live do
       if n <= op.max then break end
       if live[i][1] ~= op.id then
-        redis.call("HDEL", ukey, live[i][1])
+        -- Left in the index until the gateway has ended it.
         evicted[#evicted + 1] = live[i][3]
         n = n - 1
       end
@@ -365,7 +369,8 @@ impl RedisStore {
         for u in users {
             inv.key(self.user_key(user_of(u)));
         }
-        for a in script_args(b, users) {
+        // Inline user operations happen on a single server only.
+        for a in script_args(b, users, Some(&self.cfg.prefix)) {
             inv.arg(a);
         }
         let mut reply: Result<Vec<String>, redis::RedisError> =
@@ -411,6 +416,25 @@ impl RedisStore {
                 "redis: unexpected script reply {other:?}"
             ))),
         }
+    }
+
+    /// Redis Cluster: one user-index operation as its own script.
+    async fn user_script(
+        &self,
+        conn: &Conn,
+        u: &UserWrite,
+    ) -> Result<Vec<UserSession>, StoreError> {
+        let reply: Vec<String> = with_conn!(conn.clone(), c => USER_SCRIPT
+            .key(self.user_key(user_of(u)))
+            .arg(user_op_json(u, None))
+            .arg(crate::model::now_ms())
+            .invoke_async(&mut c)
+            .await)
+        .map_err(unavailable)?;
+        Ok(reply
+            .iter()
+            .filter_map(|e| UserSession::decode(e))
+            .collect())
     }
 
     /// Find a session's hash tag by its id alone (standalone: `SCAN`).
@@ -476,7 +500,7 @@ fn unavailable(e: redis::RedisError) -> StoreError {
 }
 
 /// The script's ARGV for a batch (see the layout in [`WRITE_SCRIPT`]).
-fn script_args(b: &WriteBatch, users: &[UserWrite]) -> Vec<String> {
+fn script_args(b: &WriteBatch, users: &[UserWrite], prefix: Option<&str>) -> Vec<String> {
     let mut flags = String::new();
     if b.destroy.is_some() {
         flags.push('d');
@@ -523,12 +547,13 @@ fn script_args(b: &WriteBatch, users: &[UserWrite]) -> Vec<String> {
     }
     a.push(crate::model::now_ms().to_string());
     a.push(users.len().to_string());
-    a.extend(users.iter().map(user_op_json));
+    a.extend(users.iter().map(|u| user_op_json(u, prefix)));
     a
 }
 
-/// A [`UserWrite`] as [`USER_LUA`] reads it.
-fn user_op_json(u: &UserWrite) -> String {
+/// A [`UserWrite`] as [`USER_LUA`] reads it (`prefix`: standalone, where
+/// the script may also look at ended marks).
+fn user_op_json(u: &UserWrite, prefix: Option<&str>) -> String {
     match u {
         UserWrite::Leave { id, .. } => serde_json::json!({ "op": "leave", "id": id.hex() }),
         UserWrite::Join {
@@ -540,6 +565,9 @@ fn user_op_json(u: &UserWrite) -> String {
             // Absent, not null: Lua's cjson decodes null as a true value.
             let mut o =
                 serde_json::json!({ "op": "join", "id": entry.id, "entry": entry.encode() });
+            if let Some(p) = prefix {
+                o["prefix"] = p.into();
+            }
             if let Some(r) = replaces {
                 o["replaces"] = r.hex().into();
             }
@@ -624,6 +652,13 @@ impl SessionStore for RedisStore {
         } else {
             (&[], &b.users)
         };
+        // Cluster: a Join before the session's write (an index that lists
+        // a session too early is harmless; one that misses a live session
+        // is not), a Leave after it.
+        let mut evicted = Vec::new();
+        for u in after.iter().filter(|u| matches!(u, UserWrite::Join { .. })) {
+            evicted.extend(self.user_script(&conn, u).await?);
+        }
         let mut written = if b.destroy_only() && !b.check_moved && inline.is_empty() {
             let keys = self.channel_keys(b.key.tag, &b.key.id);
             // One slot (one tag): a MULTI, so the logout and its mark land
@@ -644,18 +679,13 @@ impl SessionStore for RedisStore {
         } else {
             self.script_write(&conn, b, inline).await?
         };
-        for u in after {
-            let reply: Vec<String> = with_conn!(conn.clone(), c => USER_SCRIPT
-                .key(self.user_key(user_of(u)))
-                .arg(user_op_json(u))
-                .arg(crate::model::now_ms())
-                .invoke_async(&mut c)
-                .await)
-            .map_err(unavailable)?;
-            written
-                .evicted
-                .extend(reply.iter().filter_map(|e| UserSession::decode(e)));
+        for u in after
+            .iter()
+            .filter(|u| matches!(u, UserWrite::Leave { .. }))
+        {
+            self.user_script(&conn, u).await?;
         }
+        written.evicted.extend(evicted);
         Ok(written)
     }
 
@@ -845,7 +875,7 @@ mod tests {
             set: vec![("a".into(), "1".into())],
             incr: vec![("n".into(), -2)],
         };
-        let a = script_args(&b, &[]);
+        let a = script_args(&b, &[], None);
         assert_eq!(&a[..6], &["", "99", "-1", "-1", "0", "0"]);
         assert_eq!(&a[6..10], &["0", "0", "0", "0"]);
         assert_eq!(
@@ -861,7 +891,7 @@ mod tests {
             user: "u".into(),
             id: SessionId([3; 16]),
         };
-        let a = script_args(&b, std::slice::from_ref(&leave));
+        let a = script_args(&b, std::slice::from_ref(&leave), None);
         assert_eq!(a[0], "e");
         assert_eq!(&a[a.len() - 7..a.len() - 3], &["1", "77", "", ""]);
         assert_eq!(a[a.len() - 2], "1");
