@@ -19,7 +19,7 @@
 //! 5. [`config`]: the YAML file, validated into typed settings.
 //! 6. [`routes`], [`metrics`], [`logging`]; [`exchange`]: one request's way
 //!    through the gateway, without pingora; [`proxy`]: the pingora hooks that
-//!    call it; [`admin`]: metrics and health.
+//!    call it; [`admin`]: metrics, health and the session API.
 //! 7. [`server`]: wiring and signals; [`demo`]: the built-in demo app.
 //! 8. [`cli`]: the command line.
 
