@@ -38,7 +38,7 @@ enum Command {
     /// exit 0 on a 2xx answer within two seconds.
     Health {
         /// An http:// URL on the admin listener.
-        #[arg(default_value = "http://127.0.0.1:9090/healthz")]
+        #[arg(default_value = "http://127.0.0.1:9464/healthz")]
         url: String,
     },
     /// Run the gateway on the embedded store in front of a built-in demo app.
