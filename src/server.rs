@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Why the gateway could not start (the CLI prints it and exits non-zero).
 #[derive(Debug, thiserror::Error)]
@@ -139,8 +140,11 @@ pub fn run(
         "gimlet proxy",
     );
     let mut lines = Vec::new();
+    // Every address the process will serve on, for the readiness notice.
+    let mut bound = Vec::new();
     for l in &config.listen {
         let addr = concrete(l.addr)?;
+        bound.push(addr);
         match &l.tls {
             Some(t) => {
                 let mut tls =
@@ -163,6 +167,7 @@ pub fn run(
 
     if let Some(addr) = config.admin {
         let addr = concrete(addr)?;
+        bound.push(addr);
         let mut admin = Service::new(
             "gimlet admin".to_string(),
             HttpServer::new_app(AdminApp {
@@ -196,6 +201,7 @@ pub fn run(
         "gimlet started"
     );
     exit_on_panic();
+    notify_ready_when_serving(bound);
     server.run(RunArgs {
         shutdown_signal: Box::new(Signals {
             shared: shared.clone(),
@@ -258,6 +264,59 @@ impl ShutdownSignalWatch for Signals {
     }
 }
 
+/// systemd `Type=notify`: say `READY=1` once every listener accepts
+/// connections (pingora binds them as `server.run` starts). Nothing without
+/// `NOTIFY_SOCKET`.
+fn notify_ready_when_serving(addrs: Vec<SocketAddr>) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        for a in &addrs {
+            let probe = if a.ip().is_unspecified() {
+                SocketAddr::new(
+                    match a {
+                        SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                        SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                    },
+                    a.port(),
+                )
+            } else {
+                *a
+            };
+            while std::net::TcpStream::connect_timeout(&probe, Duration::from_millis(200)).is_err()
+            {
+                if std::time::Instant::now() > deadline {
+                    tracing::error!(addr = %a, "not serving after 30s; not telling systemd ready");
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+            tracing::warn!(error = %e, "could not tell systemd the gateway is ready");
+        }
+    });
+}
+
+/// systemd: tell it a reload starts (`RELOADING=1` with the monotonic time
+/// `Type=notify-reload` needs) or ended (`READY=1`).
+fn notify_reload(starting: bool) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let r = if starting {
+        sd_notify::NotifyState::monotonic_usec_now()
+            .and_then(|now| sd_notify::notify(false, &[sd_notify::NotifyState::Reloading, now]))
+    } else {
+        sd_notify::notify(false, &[sd_notify::NotifyState::Ready])
+    };
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "could not tell systemd about the reload");
+    }
+}
+
 /// Reload on SIGHUP; sweep the memory store now and then.
 struct Reloader {
     shared: Arc<Shared>,
@@ -266,6 +325,12 @@ struct Reloader {
 
 impl Reloader {
     fn reload(&self) {
+        notify_reload(true);
+        self.apply_reload();
+        notify_reload(false);
+    }
+
+    fn apply_reload(&self) {
         let m = &self.shared.metrics;
         let result = Config::load(&self.file)
             .map_err(|e| e.to_string())
