@@ -31,9 +31,15 @@ enum Command {
         /// Also connect to the configured store.
         #[arg(long)]
         connect: bool,
+        /// Print the effective config (defaults filled, `${}` expanded,
+        /// secrets redacted).
+        #[arg(long)]
+        print: bool,
     },
     /// Print a new random secret for `session.secrets`.
     Keygen,
+    /// Print the JSON Schema of the config file (for editors and CI).
+    Schema,
     /// Probe a health endpoint (for container HEALTHCHECKs without curl):
     /// exit 0 on a 2xx answer within two seconds.
     Health {
@@ -113,9 +119,17 @@ pub fn main() -> i32 {
                 2
             }
         },
-        Command::Check { config, connect } => check(&config, connect),
+        Command::Check {
+            config,
+            connect,
+            print,
+        } => check(&config, connect, print),
         Command::Keygen => {
             println!("{}", crate::codec::keygen());
+            0
+        }
+        Command::Schema => {
+            print!("{}", crate::config::schema());
             0
         }
         Command::Health { url } => match health(&url) {
@@ -408,7 +422,7 @@ fn http_call(
     })
 }
 
-fn check(file: &std::path::Path, connect: bool) -> i32 {
+fn check(file: &std::path::Path, connect: bool, print: bool) -> i32 {
     let c = match Config::load(file) {
         Ok(c) => c,
         Err(e) => {
@@ -416,6 +430,12 @@ fn check(file: &std::path::Path, connect: bool) -> i32 {
             return 1;
         }
     };
+    if print {
+        print!("{}", c.effective());
+        if !connect {
+            return 0;
+        }
+    }
     if connect {
         let rt = match tokio::runtime::Builder::new_current_thread()
             .enable_all()

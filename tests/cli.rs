@@ -299,3 +299,108 @@ async fn demo_edge_cases_say_what_to_do() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `config/gimlet.schema.json` is `gimlet schema`'s output: regenerate it
+/// with `gimlet schema > config/gimlet.schema.json` when the config types
+/// change. Shipped configs point editors at it.
+#[test]
+fn the_schema_file_is_current_and_shipped_configs_use_it() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(common::bin())
+        .arg("schema")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let file = std::fs::read_to_string(root.join("config/gimlet.schema.json")).unwrap();
+    assert!(
+        printed == file,
+        "config/gimlet.schema.json is stale: run `gimlet schema > config/gimlet.schema.json`"
+    );
+    let schema: serde_json::Value = serde_json::from_str(&printed).unwrap();
+    assert_eq!(
+        schema["additionalProperties"], false,
+        "unknown fields are errors"
+    );
+    let session = &schema["$defs"]["RawSession"]["properties"];
+    for field in [
+        "secrets",
+        "revocation",
+        "regenerate_grace",
+        "user_key",
+        "track",
+    ] {
+        assert!(
+            session.get(field).is_some(),
+            "session.{field} missing from the schema"
+        );
+    }
+    for (config, schema_path) in [
+        ("config/demo.yaml", "gimlet.schema.json"),
+        (
+            "deploy/systemd/gimlet.yaml",
+            "../../config/gimlet.schema.json",
+        ),
+        ("deploy/gimlet.compose.yaml", "../config/gimlet.schema.json"),
+        (
+            "deploy/kubernetes/gimlet-config.yaml",
+            "../../config/gimlet.schema.json",
+        ),
+    ] {
+        let text = std::fs::read_to_string(root.join(config)).unwrap();
+        let first = text.lines().next().unwrap();
+        assert_eq!(
+            first,
+            format!("# yaml-language-server: $schema={schema_path}"),
+            "{config}"
+        );
+        let dir = root.join(config).parent().unwrap().to_path_buf();
+        assert!(dir.join(schema_path).exists(), "{config}: {schema_path}");
+    }
+}
+
+/// `gimlet check --print`: the effective config, defaults filled, `${}`
+/// expanded, every secret redacted.
+#[test]
+fn check_print_shows_the_effective_config_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("g.yaml");
+    std::fs::write(
+        &f,
+        "admin: { addr: 127.0.0.1:9464, token: \"${ADMIN_TOKEN}\" }\nsession:\n  secrets: [\"${S}\"]\n  revocation: true\nstore: { kind: redis, url: \"redis://:hunter2-password@127.0.0.1:6379/0\" }\nroutes:\n  - name: app\n    upstreams: [\"${UP:-127.0.0.1:8000}\"]\n",
+    )
+    .unwrap();
+    let secret = "printed-secret-0123456789abcdefghijkl";
+    let token = "printed-admin-token-0123456789";
+    let out = std::process::Command::new(common::bin())
+        .args(["check", "--print", "-c"])
+        .arg(&f)
+        .env("S", secret)
+        .env("ADMIN_TOKEN", token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    for hidden in [secret, token, "hunter2-password"] {
+        assert!(!text.contains(hidden), "{hidden} printed:\n{text}");
+    }
+    let v: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    assert_eq!(v["session"]["secrets"][0].as_str(), Some("<redacted>"));
+    assert_eq!(v["admin"]["token"].as_str(), Some("<redacted>"));
+    assert_eq!(v["session"]["lifetime"].as_str(), Some("7days"));
+    assert_eq!(v["session"]["regenerate_grace"].as_str(), Some("10s"));
+    assert_eq!(
+        v["store"]["url"].as_str(),
+        Some("redis://:<redacted>@127.0.0.1:6379/0")
+    );
+    assert_eq!(v["store"]["timeout"].as_str(), Some("250ms"));
+    assert_eq!(
+        v["routes"][0]["upstreams"][0].as_str(),
+        Some("127.0.0.1:8000")
+    );
+    assert_eq!(v["routes"][0]["session"]["read"].as_str(), Some("all"));
+}

@@ -15,6 +15,7 @@
 mod defaults;
 mod errors;
 mod lines;
+mod print;
 mod raw;
 mod routes;
 mod session;
@@ -156,6 +157,18 @@ pub struct RouteConfig {
     pub on_directive_error: OnDirectiveError,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+}
+
+/// The JSON Schema of the config file, derived from the types the file is
+/// read into (`gimlet schema`; `config/gimlet.schema.json` is its output).
+pub fn schema() -> String {
+    let mut s = schemars::schema_for!(raw::RawConfig);
+    s.insert("title".into(), "Gimlet config".into());
+    s.insert(
+        "description".into(),
+        "The YAML file `gimlet run -c` reads. Field meanings: README, Configuration.".into(),
+    );
+    serde_json::to_string_pretty(&s).expect("a schema serializes") + "\n"
 }
 
 impl Config {

@@ -15,6 +15,21 @@ pub(super) enum KeySel {
     List(Vec<String>),
 }
 
+impl schemars::JsonSchema for KeySel {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "KeySelection".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "`all`, `none`, or a list of keys",
+            "anyOf": [
+                { "type": "string", "enum": ["all", "none"] },
+                { "type": "array", "items": { "type": "string" } }
+            ]
+        })
+    }
+}
+
 impl<'de> Deserialize<'de> for KeySel {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -39,7 +54,7 @@ impl<'de> Deserialize<'de> for KeySel {
 }
 
 /// A key policy as written under `session.keys` / `undeclared_keys`.
-#[derive(Deserialize, Clone, Copy, Debug, Default)]
+#[derive(schemars::JsonSchema, Deserialize, Clone, Copy, Debug, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPolicy {
     pub(super) clientside: Option<bool>,
@@ -52,6 +67,19 @@ pub(super) struct RawPolicy {
 pub(super) enum Undeclared {
     Reject,
     Policy(RawPolicy),
+}
+
+impl schemars::JsonSchema for Undeclared {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "UndeclaredKeys".into()
+    }
+    fn json_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let policy = g.subschema_for::<RawPolicy>();
+        schemars::json_schema!({
+            "description": "`reject`, or the policy undeclared keys get",
+            "anyOf": [ { "type": "string", "enum": ["reject"] }, policy ]
+        })
+    }
 }
 
 impl<'de> Deserialize<'de> for Undeclared {
@@ -83,7 +111,7 @@ impl<'de> Deserialize<'de> for Undeclared {
 // ---------------------------------------------------------------------------
 // The file as written.
 
-#[derive(Deserialize)]
+#[derive(schemars::JsonSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
     pub(super) listen: Option<Vec<RawListener>>,
@@ -102,27 +130,27 @@ pub(super) struct RawConfig {
     pub(super) routes: Vec<RawRoute>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(schemars::JsonSchema, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawPaths {
     pub(super) escaped_separators: Option<Str>,
 }
 
-#[derive(Deserialize)]
+#[derive(schemars::JsonSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawListener {
     pub(super) addr: Str,
     pub(super) tls: Option<RawTls>,
 }
 
-#[derive(Deserialize)]
+#[derive(schemars::JsonSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTls {
     pub(super) cert: Str,
     pub(super) key: Str,
 }
 
-#[derive(Deserialize)]
+#[derive(schemars::JsonSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawAdmin {
     pub(super) addr: Str,
@@ -130,14 +158,14 @@ pub(super) struct RawAdmin {
     pub(super) token: Option<Str>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(schemars::JsonSchema, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLog {
     pub(super) format: Option<Str>,
     pub(super) level: Option<Str>,
 }
 
-#[derive(Deserialize)]
+#[derive(schemars::JsonSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSession {
     pub(super) secrets: Vec<Str>,
@@ -165,7 +193,7 @@ pub(super) struct RawSession {
 }
 
 /// What `session.track` may record per session in its user's index.
-#[derive(Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
+#[derive(schemars::JsonSchema, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
 #[serde(rename_all = "snake_case")]
 pub(super) enum Track {
     Ip,
@@ -176,7 +204,7 @@ pub(super) fn yes() -> bool {
     true
 }
 
-#[derive(Deserialize, Default)]
+#[derive(schemars::JsonSchema, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawCookie {
     pub(super) name: Option<Str>,
@@ -188,7 +216,7 @@ pub(super) struct RawCookie {
     pub(super) host_prefix: bool,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(schemars::JsonSchema, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawLimits {
     pub(super) value_bytes: Option<usize>,
@@ -197,7 +225,7 @@ pub(super) struct RawLimits {
     pub(super) forward_bytes: Option<usize>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(schemars::JsonSchema, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawStore {
     pub(super) kind: Option<Str>,
@@ -210,14 +238,14 @@ pub(super) struct RawStore {
     pub(super) on_error: Option<Str>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(schemars::JsonSchema, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawServer {
     pub(super) threads: Option<usize>,
     pub(super) grace_period: Option<Str>,
 }
 
-#[derive(Deserialize)]
+#[derive(schemars::JsonSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRoute {
     pub(super) name: Str,
@@ -231,7 +259,7 @@ pub(super) struct RawRoute {
     pub(super) read_timeout: Option<Str>,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(schemars::JsonSchema, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawMatch {
     pub(super) host: Option<Str>,
@@ -240,7 +268,7 @@ pub(super) struct RawMatch {
     pub(super) ignore_case: bool,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(schemars::JsonSchema, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawRouteSession {
     pub(super) read: Option<KeySel>,
@@ -252,7 +280,7 @@ pub(super) struct RawRouteSession {
     pub(super) on_missing: Option<RawOnMissing>,
 }
 
-#[derive(Deserialize)]
+#[derive(schemars::JsonSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawOnMissing {
     pub(super) redirect: Option<Str>,
