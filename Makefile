@@ -6,7 +6,7 @@
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test deps bench check
+.PHONY: demo test deps bench check k8s-check
 
 deps:
 	@missing=""; \
@@ -32,3 +32,13 @@ bench: deps
 check:
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
+
+# The Kubernetes manifests render (kubectl kustomize) and every resource
+# validates against the Kubernetes API schemas (kubernetes-validate, PyPI).
+k8s-check:
+	@command -v kubectl >/dev/null || { echo "k8s-check needs kubectl (kustomize built in)"; exit 1; }
+	@command -v kubernetes-validate >/dev/null || pip3 install -q kubernetes-validate
+	kubectl kustomize deploy/kubernetes > target/kubernetes.yaml
+	kubernetes-validate --strict --quiet target/kubernetes.yaml
+	@echo "deploy/kubernetes: renders and validates"
+
