@@ -281,14 +281,7 @@ async fn api_op(
             };
             let found = match store.inspect(&sid, tag).await {
                 Ok(f) => f,
-                Err(crate::store::StoreError::Unavailable(m))
-                    if m.contains("look the session up by its user") =>
-                {
-                    return (
-                        400,
-                        json_error("on Redis Cluster give ?tag= (GET /sessions?user=... lists it)"),
-                    )
-                }
+                Err(crate::store::StoreError::Unsupported(m)) => return (400, json_error(&m)),
                 Err(e) => return failed(e),
             };
             if op == "show" {

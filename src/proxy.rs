@@ -298,12 +298,7 @@ impl Gateway {
         if let Some(next) = followed {
             // A request that left before its login's answer: it goes on as
             // the new session (one hop; a second read, on this rare path only).
-            ctx.session = next;
-            self.shared
-                .metrics
-                .sessions
-                .with_label_values(&["followed"])
-                .inc();
+            self.continue_as(ctx, next);
             let Some(next) =
                 ctx.session
                     .load_request(settings, &route.cfg.read, &route.cfg.require)
@@ -385,8 +380,10 @@ impl Gateway {
                 ended: settings.revocation,
                 moved: settings.revocation && settings.regenerate_grace > 0,
             };
-            let sets = o.set_cookies.iter().any(|l| !l.contains("=; Max-Age=0"));
-            let carried = ctx.session.meta.filter(|_| sets && o.meta.is_some());
+            let carried = ctx
+                .session
+                .meta
+                .filter(|_| o.sets_a_cookie() && o.meta.is_some());
             let key = carried.filter(|_| check.ended)?;
             ctx.store_round_trips += 1;
             let read = self
@@ -408,6 +405,16 @@ impl Gateway {
         Some(written.map(|w| {
             ctx.evicted = w.evicted;
         }))
+    }
+
+    /// The request goes on as the session a regenerate grace handed it.
+    fn continue_as(&self, ctx: &mut Ctx, next: Session) {
+        ctx.session = next;
+        self.shared
+            .metrics
+            .sessions
+            .with_label_values(&["followed"])
+            .inc();
     }
 
     /// A session that went idle on a request answered without applying its
@@ -794,12 +801,7 @@ impl ProxyHttp for Gateway {
             // A parallel request regenerated the session while this one was
             // at the app: its directives apply to the new session (one hop).
             // Anyone else's is refused whole (`session_ended`).
-            ctx.session = next;
-            self.shared
-                .metrics
-                .sessions
-                .with_label_values(&["followed"])
-                .inc();
+            self.continue_as(ctx, next);
             outcome = apply(ctx);
             write = self.write(ctx, &outcome).await;
         }

@@ -91,6 +91,11 @@ impl Outcome {
     pub fn directives_applied(&self) -> u32 {
         self.applied.total()
     }
+
+    /// Does the response set (not only clear) one of our cookies?
+    pub fn sets_a_cookie(&self) -> bool {
+        self.set_cookies.iter().any(|l| !l.contains("=; Max-Age=0"))
+    }
 }
 
 fn err(kind: DirectiveErrorKind, detail: String) -> DirectiveError {
@@ -763,8 +768,11 @@ impl Session {
         // binding gets one (what a regenerate grace is bound to). Over
         // plain HTTP anyone on the path, or on a sibling domain, could plant
         // one, so there is no grace there.
-        let sets = out.set_cookies.iter().any(|l| !l.contains("=; Max-Age=0"));
-        if cx.https && cx.settings.regenerate_grace > 0 && self.binding.is_none() && sets {
+        if cx.https
+            && cx.settings.regenerate_grace > 0
+            && self.binding.is_none()
+            && out.sets_a_cookie()
+        {
             let value = crate::model::SessionId::random().hex();
             out.set_cookies.push(cx.spec.binding_line(
                 &value,

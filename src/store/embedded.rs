@@ -290,6 +290,20 @@ fn read_record(
     Ok((rec, expires))
 }
 
+/// Remember `id` as ended until `until`, keeping the sweep index in step.
+fn mark_ended(
+    ended: &mut redb::Table<&'static [u8], u64>,
+    index: &mut redb::Table<&'static [u8], ()>,
+    id: &SessionId,
+    until: u64,
+) -> Result<(), redb::Error> {
+    if let Some(old) = ended.insert(&id.0[..], until)?.map(|g| g.value()) {
+        index.remove(&expiry_key(old, id)[..])?;
+    }
+    index.insert(&expiry_key(until, id)[..], ())?;
+    Ok(())
+}
+
 fn is_ended(
     ended: &impl ReadableTable<&'static [u8], u64>,
     id: &SessionId,
@@ -368,10 +382,7 @@ fn apply(
         let mut ended = txn.open_table(ENDED)?;
         let mut index = txn.open_table(ENDED_EXPIRY)?;
         for (id, until) in &b.end {
-            if let Some(old) = ended.insert(&id.0[..], *until)?.map(|g| g.value()) {
-                index.remove(&expiry_key(old, id)[..])?;
-            }
-            index.insert(&expiry_key(*until, id)[..], ())?;
+            mark_ended(&mut ended, &mut index, id, *until)?;
             updates.push((*id, None));
         }
     }
@@ -524,10 +535,7 @@ fn end(
         let id = &key.id;
         delete_session(&mut data, &mut session, &mut expiry, id)?;
         moved.remove(&id.0[..])?;
-        if let Some(old) = ended.insert(&id.0[..], *until)?.map(|g| g.value()) {
-            index.remove(&expiry_key(old, id)[..])?;
-        }
-        index.insert(&expiry_key(*until, id)[..], ())?;
+        mark_ended(&mut ended, &mut index, id, *until)?;
         if let Some(u) = user {
             users.remove(&user_key(u, id)[..])?;
         }

@@ -346,6 +346,10 @@ pub enum StoreError {
     /// Redis write is one atomic script, so it is all of the batch or none.
     #[error("store write outcome unknown: {0}")]
     Unknown(String),
+    /// The store cannot answer this question the way it was asked (an
+    /// operator's mistake, not an outage).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl StoreError {

@@ -327,6 +327,16 @@ impl RedisStore {
         self.key(tag, id, ENDED_SUFFIX)
     }
 
+    /// Add "remember `id` as ended until `until`" to a pipeline.
+    fn mark_ended(&self, pipe: &mut redis::Pipeline, tag: u32, id: &SessionId, until: u64) {
+        pipe.cmd("SET")
+            .arg(self.ended_key(tag, id))
+            .arg("1")
+            .arg("PXAT")
+            .arg(until)
+            .ignore();
+    }
+
     fn moved_key(&self, tag: u32, id: &SessionId) -> String {
         self.key(tag, id, MOVED_SUFFIX)
     }
@@ -440,8 +450,8 @@ impl RedisStore {
     /// Find a session's hash tag by its id alone (standalone: `SCAN`).
     async fn find_tag(&self, conn: &Conn, id: &SessionId) -> Result<Option<u32>, StoreError> {
         let Conn::Single(c) = conn else {
-            return Err(StoreError::Unavailable(
-                "redis cluster: look the session up by its user (GET /sessions?user=...), which gives its tag".into(),
+            return Err(StoreError::Unsupported(
+                "on Redis Cluster give ?tag= (GET /sessions?user=... lists it)".into(),
             ));
         };
         let mut c = c.clone();
@@ -666,12 +676,7 @@ impl SessionStore for RedisStore {
             let mut pipe = redis::pipe();
             pipe.atomic().del(&keys[..]).ignore();
             for (id, until) in &b.end {
-                pipe.cmd("SET")
-                    .arg(self.ended_key(b.key.tag, id))
-                    .arg("1")
-                    .arg("PXAT")
-                    .arg(*until)
-                    .ignore();
+                self.mark_ended(&mut pipe, b.key.tag, id, *until);
             }
             with_conn!(conn.clone(), c => pipe.query_async::<()>(&mut c).await)
                 .map_err(unavailable)?;
@@ -760,12 +765,7 @@ impl SessionStore for RedisStore {
             keys.push(self.moved_key(key.tag, &key.id));
             let mut pipe = redis::pipe();
             pipe.atomic().del(keys).ignore();
-            pipe.cmd("SET")
-                .arg(self.ended_key(key.tag, &key.id))
-                .arg("1")
-                .arg("PXAT")
-                .arg(*until)
-                .ignore();
+            self.mark_ended(&mut pipe, key.tag, &key.id, *until);
             with_conn!(conn.clone(), c => pipe.query_async::<()>(&mut c).await)
                 .map_err(unavailable)?;
         }
