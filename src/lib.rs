@@ -20,7 +20,9 @@
 //! 6. [`routes`], [`metrics`], [`logging`]; [`exchange`]: one request's way
 //!    through the gateway, without pingora; [`proxy`]: the pingora hooks that
 //!    call it; [`admin`]: metrics, health and the session API.
-//! 7. [`server`]: wiring and signals; [`demo`]: the built-in demo app.
+//! 7. [`server`]: wiring and signals; [`idle`]: pingora's HTTP/1 loop, with
+//!    idle connections that hold no request state; [`demo`]: the built-in
+//!    demo app.
 //! 8. [`cli`]: the command line.
 
 pub mod admin;
@@ -32,6 +34,7 @@ pub mod demo;
 pub mod directives;
 pub mod exchange;
 pub mod headers;
+pub mod idle;
 pub mod logging;
 pub mod metrics;
 pub mod model;

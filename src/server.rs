@@ -7,6 +7,7 @@
 use crate::admin::AdminApp;
 use crate::config::{Config, StoreKind};
 use crate::exchange::State;
+use crate::idle::Lean;
 use crate::metrics::Metrics;
 use crate::proxy::{Gateway, Shared};
 use crate::store::{embedded::EmbeddedStore, memory::MemoryStore, redis::RedisStore, Store};
@@ -133,12 +134,15 @@ pub fn run(
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Gateway {
-            shared: shared.clone(),
-        },
-        "gimlet proxy",
+    let gateway = Gateway {
+        shared: shared.clone(),
+    };
+    let mut proxy = Service::new(
+        "gimlet proxy".to_string(),
+        Lean(Arc::new(pingora::proxy::http_proxy(
+            &server.configuration,
+            gateway,
+        ))),
     );
     let mut lines = Vec::new();
     // Every address the process will serve on, for the readiness notice.
@@ -272,11 +276,11 @@ impl ShutdownSignalWatch for Signals {
     }
 }
 
-/// The read buffer pingora gives each accepted plain-TCP connection. Its
-/// default (64 KiB, allocated at accept) made every idle connection cost
-/// about 110 KB; the HTTP parser reads headers into its own 4 KiB buffer
-/// anyway, so a small one loses nothing.
-const TCP_READ_BUFFER: usize = 4 * 1024;
+/// The read buffer pingora gives each accepted plain-TCP connection: none.
+/// Its default (64 KiB, allocated at accept) made every idle connection
+/// cost about 110 KB; the HTTP parser reads headers into its own 4 KiB
+/// buffer and bodies into theirs, so a buffer under them only adds a copy.
+const TCP_READ_BUFFER: usize = 0;
 /// TLS reads whole records (up to 16 KiB): one fits.
 const TLS_READ_BUFFER: usize = 16 * 1024;
 /// pingora's default (one MSS).
