@@ -389,6 +389,10 @@ impl RedisStore {
             // The script never left: once more on the fresh connection.
             reply = with_conn!(conn.clone(), c => inv.invoke_async(&mut c).await);
         }
+        while reply.as_ref().is_err_and(loading) {
+            tokio::time::sleep(LOADING_PAUSE).await;
+            reply = with_conn!(conn.clone(), c => inv.invoke_async(&mut c).await);
+        }
         let reply = reply.map_err(|e| {
             if e.is_timeout() || (e.is_connection_dropped() && !e.is_connection_refusal()) {
                 // Sent, and no answer: it may have run.
@@ -500,6 +504,17 @@ fn retryable(e: &redis::RedisError, write: bool) -> bool {
         e.is_connection_dropped()
     }
 }
+
+/// A Redis that restarts answers `LOADING` to everything until its data
+/// is back in memory (an AOF of a busy day takes a while). Nothing ran, so
+/// a read or a write may wait and go again; the caller's `store.timeout`
+/// bounds the waiting (a `/readyz` ping does not wait: not ready is the
+/// truth then).
+fn loading(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading)
+}
+
+const LOADING_PAUSE: Duration = Duration::from_millis(10);
 
 fn unavailable(e: redis::RedisError) -> StoreError {
     if e.is_timeout() {
@@ -631,7 +646,11 @@ impl SessionStore for RedisStore {
         let mut replies: Result<Vec<redis::Value>, redis::RedisError> =
             with_conn!(conn.clone(), c => pipe.query_async(&mut c).await);
         if replies.as_ref().is_err_and(|e| retryable(e, false)) {
-            replies = with_conn!(conn, c => pipe.query_async(&mut c).await);
+            replies = with_conn!(conn.clone(), c => pipe.query_async(&mut c).await);
+        }
+        while replies.as_ref().is_err_and(loading) {
+            tokio::time::sleep(LOADING_PAUSE).await;
+            replies = with_conn!(conn.clone(), c => pipe.query_async(&mut c).await);
         }
         let mut replies = replies.map_err(unavailable)?.into_iter();
         if check.ended {
