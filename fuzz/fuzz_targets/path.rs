@@ -13,7 +13,10 @@ fn check(p: &str, keep: bool) {
         assert!(!p.contains(bad), "{p:?} holds {bad}");
     }
     assert!(!p.ends_with("/.") && !p.ends_with("/.."), "{p:?}");
-    assert!(p.bytes().all(|b| b > 0x20 && b < 0x7f && b != b'\\'), "{p:?}");
+    assert!(
+        p.bytes().all(|b| b > 0x20 && b < 0x7f && b != b'\\'),
+        "{p:?}"
+    );
     let lower = p.to_ascii_lowercase();
     assert!(!lower.contains("%2e"), "{p:?} kept an encoded dot");
     if !keep {

@@ -6,7 +6,14 @@ use gimlet::cookie::{set_cookie_name, CookieSpec, SameSite, SecureMode};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let spec = CookieSpec::new("gimlet", "/".into(), None, SameSite::Lax, SecureMode::Auto, false);
+    let spec = CookieSpec::new(
+        "gimlet",
+        "/".into(),
+        None,
+        SameSite::Lax,
+        SecureMode::Auto,
+        false,
+    );
     let name = set_cookie_name(data);
     let _ = spec.is_ours(name);
     // Prefixing our name as a nameless cookie is always caught.

@@ -247,19 +247,106 @@ fn unavailable(e: impl Into<redb::Error>) -> StoreError {
     StoreError::Unavailable(format!("embedded store: {}", e.into()))
 }
 
-fn prefix(id: &SessionId, ch: u8) -> [u8; 17] {
-    let mut p = [0u8; 17];
-    p[..16].copy_from_slice(&id.0);
-    p[16] = ch;
-    p
-}
+/// The byte layouts of the tables' keys and values (see the module doc),
+/// written and read here only. The decoders take what the file holds and
+/// answer `None` for anything malformed rather than panic: a damaged or
+/// foreign file is a missing record, never a crashed writer (fuzzed by
+/// `fuzz/fuzz_targets/embedded_record.rs`).
+pub mod record {
+    use crate::model::SessionId;
 
-fn expiry_key(at: u64, id: &SessionId) -> [u8; 24] {
-    let mut k = [0u8; 24];
-    k[..8].copy_from_slice(&at.to_be_bytes());
-    k[8..].copy_from_slice(&id.0);
-    k
+    /// `data` keys of one session's channel start with this.
+    pub fn prefix(id: &SessionId, ch: u8) -> [u8; 17] {
+        let mut p = [0u8; 17];
+        p[..16].copy_from_slice(&id.0);
+        p[16] = ch;
+        p
+    }
+
+    /// A `data` key: id | channel | key name.
+    pub fn data_key(id: &SessionId, ch: u8, name: &str) -> Vec<u8> {
+        let mut k = Vec::with_capacity(17 + name.len());
+        k.extend_from_slice(&prefix(id, ch));
+        k.extend_from_slice(name.as_bytes());
+        k
+    }
+
+    /// A `data` key's parts: id, channel, key name.
+    pub fn parse_data_key(k: &[u8]) -> Option<(SessionId, u8, &[u8])> {
+        let (id, rest) = split_id(k)?;
+        let (&ch, name) = rest.split_first()?;
+        Some((id, ch, name))
+    }
+
+    /// An `expiry` / `ended_expiry` key: at (8, BE) | id, so a range scan
+    /// from the start yields the earliest first.
+    pub fn expiry_key(at: u64, id: &SessionId) -> [u8; 24] {
+        let mut k = [0u8; 24];
+        k[..8].copy_from_slice(&at.to_be_bytes());
+        k[8..].copy_from_slice(&id.0);
+        k
+    }
+
+    pub fn parse_expiry_key(k: &[u8]) -> Option<(u64, SessionId)> {
+        let (at, rest) = split_u64(k)?;
+        let (id, rest) = split_id(rest)?;
+        rest.is_empty().then_some((at, id))
+    }
+
+    /// A `moved` value: until (8, BE) | the new cookies.
+    pub fn moved_value(until: u64, cookies: &str) -> Vec<u8> {
+        let mut v = Vec::with_capacity(8 + cookies.len());
+        v.extend_from_slice(&until.to_be_bytes());
+        v.extend_from_slice(cookies.as_bytes());
+        v
+    }
+
+    pub fn parse_moved(v: &[u8]) -> Option<(u64, &str)> {
+        let (until, rest) = split_u64(v)?;
+        Some((until, std::str::from_utf8(rest).ok()?))
+    }
+
+    /// A `users` key: user hash | 0 | id. The hash is hex, so it holds no 0.
+    pub fn user_key(user: &str, id: &SessionId) -> Vec<u8> {
+        let mut k = Vec::with_capacity(user.len() + 17);
+        k.extend_from_slice(user.as_bytes());
+        k.push(0);
+        k.extend_from_slice(&id.0);
+        k
+    }
+
+    /// The keys `[lo, hi)` of one user's index.
+    pub fn user_range(user: &str) -> (Vec<u8>, Vec<u8>) {
+        let mut lo = user.as_bytes().to_vec();
+        lo.push(0);
+        let mut hi = user.as_bytes().to_vec();
+        hi.push(1);
+        (lo, hi)
+    }
+
+    pub fn parse_user_key(k: &[u8]) -> Option<(&str, SessionId)> {
+        let cut = k.len().checked_sub(17)?;
+        let (user, rest) = k.split_at(cut);
+        let (&0, id) = rest.split_first()? else {
+            return None;
+        };
+        let user = std::str::from_utf8(user)
+            .ok()
+            .filter(|u| !u.contains('\0'))?;
+        Some((user, split_id(id)?.0))
+    }
+
+    fn split_u64(b: &[u8]) -> Option<(u64, &[u8])> {
+        let (head, rest) = b.split_first_chunk::<8>()?;
+        Some((u64::from_be_bytes(*head), rest))
+    }
+
+    fn split_id(b: &[u8]) -> Option<(SessionId, &[u8])> {
+        let (head, rest) = b.split_first_chunk::<16>()?;
+        Some((SessionId(*head), rest))
+    }
 }
+use record::{expiry_key, parse_expiry_key, parse_moved, prefix, user_key};
 
 /// Read a session's channels in `mask`, and its expiry (0: no live record).
 fn read_record(
@@ -282,7 +369,10 @@ fn read_record(
         let hi = prefix(id, ch as u8 + 1);
         for item in data.range::<&[u8]>(&lo[..]..&hi[..])? {
             let (k, v) = item?;
-            let key = String::from_utf8_lossy(&k.value()[17..]).into_owned();
+            let Some((_, _, name)) = record::parse_data_key(k.value()) else {
+                continue;
+            };
+            let key = String::from_utf8_lossy(name).into_owned();
             let val = String::from_utf8_lossy(v.value()).into_owned();
             rec.channels[ch.index()].insert(key, val);
         }
@@ -321,9 +411,9 @@ fn moved(
     let Some(v) = table.get(&id.0[..])? else {
         return Ok(None);
     };
-    let v = v.value();
-    let until = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
-    Ok((until > now).then(|| String::from_utf8_lossy(&v[8..]).into_owned()))
+    Ok(parse_moved(v.value())
+        .filter(|(until, _)| *until > now)
+        .map(|(_, cookies)| cookies.to_string()))
 }
 
 fn delete_session(
@@ -387,8 +477,7 @@ fn apply(
         }
     }
     if let (Some(from), Some((h, until))) = (b.rename_from, &b.forward) {
-        let mut v = until.to_be_bytes().to_vec();
-        v.extend_from_slice(h.as_bytes());
+        let v = record::moved_value(*until, h);
         txn.open_table(MOVED)?.insert(&from.0[..], &v[..])?;
     }
     let written = apply_users(txn, &b.users, now)?;
@@ -414,16 +503,12 @@ fn apply(
         let i = ch.index();
         for k in base.channels[i].keys() {
             if !after.channels[i].contains_key(k) {
-                let mut key = prefix(id, ch as u8).to_vec();
-                key.extend_from_slice(k.as_bytes());
-                data.remove(&key[..])?;
+                data.remove(&record::data_key(id, ch as u8, k)[..])?;
             }
         }
         for (k, v) in &after.channels[i] {
             if base.channels[i].get(k) != Some(v) {
-                let mut key = prefix(id, ch as u8).to_vec();
-                key.extend_from_slice(k.as_bytes());
-                data.insert(&key[..], v.as_bytes())?;
+                data.insert(&record::data_key(id, ch as u8, k)[..], v.as_bytes())?;
             }
         }
     }
@@ -438,22 +523,12 @@ fn apply(
     Ok(Ok(written))
 }
 
-fn user_key(user: &str, id: &SessionId) -> Vec<u8> {
-    let mut k = user.as_bytes().to_vec();
-    k.push(0);
-    k.extend_from_slice(&id.0);
-    k
-}
-
 /// One user's index, as an id -> entry map.
 fn user_index(
     users: &impl ReadableTable<&'static [u8], &'static [u8]>,
     user: &str,
 ) -> Result<BTreeMap<String, UserSession>, redb::Error> {
-    let mut lo = user.as_bytes().to_vec();
-    lo.push(0);
-    let mut hi = user.as_bytes().to_vec();
-    hi.push(1);
+    let (lo, hi) = record::user_range(user);
     let mut out = BTreeMap::new();
     for item in users.range::<&[u8]>(&lo[..]..&hi[..])? {
         let (_, v) = item?;
@@ -595,19 +670,25 @@ fn sweep(
     let mut expiry = txn.open_table(EXPIRY)?;
     let hi = expiry_key(now, &SessionId([0xff; 16]));
     let mut ids = Vec::new();
+    let mut stray = Vec::new();
     let mut more = false;
     for item in expiry.range::<&[u8]>(..&hi[..])? {
         let (k, _) = item?;
-        if ids.len() == limit {
+        if ids.len() + stray.len() == limit {
             more = true;
             break;
         }
-        let mut id = [0u8; 16];
-        id.copy_from_slice(&k.value()[8..]);
-        ids.push(SessionId(id));
+        match parse_expiry_key(k.value()) {
+            Some((_, id)) => ids.push(id),
+            // Not ours: drop the stray index entry, nothing else.
+            None => stray.push(k.value().to_vec()),
+        }
     }
     for id in &ids {
         delete_session(&mut data, &mut session, &mut expiry, id)?;
+    }
+    for k in &stray {
+        expiry.remove(&k[..])?;
     }
     // Ended marks past their session's expiry: the cookie is dead anyway.
     let mut ended = txn.open_table(ENDED)?;
@@ -622,12 +703,13 @@ fn sweep(
     }
     for k in &gone {
         index.remove(&k[..])?;
-        ended.remove(&k[8..])?;
+        if let Some((_, id)) = parse_expiry_key(k) {
+            ended.remove(&id.0[..])?;
+        }
     }
     // Forwards live seconds and are few.
-    txn.open_table(MOVED)?.retain(|_, v| {
-        v.len() >= 8 && u64::from_be_bytes(v[..8].try_into().expect("8 bytes")) > now
-    })?;
+    txn.open_table(MOVED)?
+        .retain(|_, v| parse_moved(v).is_some_and(|(until, _)| until > now))?;
     Ok((ids.len(), more))
 }
 
@@ -895,6 +977,28 @@ mod tests {
             id: SessionId([b; 16]),
             tag: 1,
         }
+    }
+
+    #[test]
+    fn record_layouts_round_trip_and_refuse_what_is_not_theirs() {
+        let id = SessionId([7; 16]);
+        let k = record::data_key(&id, 2, "cart");
+        assert_eq!(record::parse_data_key(&k), Some((id, 2, &b"cart"[..])));
+        assert_eq!(record::parse_data_key(&k[..16]), None);
+        let e = expiry_key(u64::MAX - 1, &id);
+        assert_eq!(parse_expiry_key(&e), Some((u64::MAX - 1, id)));
+        assert_eq!(parse_expiry_key(&e[..23]), None);
+        assert_eq!(parse_expiry_key(&[&e[..], b"x"].concat()), None);
+        let m = record::moved_value(5, "gimlet=abc");
+        assert_eq!(parse_moved(&m), Some((5, "gimlet=abc")));
+        assert_eq!(parse_moved(&m[..7]), None);
+        assert_eq!(parse_moved(&[&m[..8], b"\xff"].concat()), None);
+        let u = user_key("ab12", &id);
+        assert_eq!(record::parse_user_key(&u), Some(("ab12", id)));
+        assert_eq!(record::parse_user_key(&u[1..]), Some(("b12", id)));
+        assert_eq!(record::parse_user_key(&u[..u.len() - 1]), None);
+        let (lo, hi) = record::user_range("ab12");
+        assert!(lo.as_slice() <= u.as_slice() && u.as_slice() < hi.as_slice());
     }
 
     fn set(k: StoreKey, pairs: &[(&str, &str)]) -> WriteBatch {

@@ -525,7 +525,10 @@ fn unavailable(e: redis::RedisError) -> StoreError {
 }
 
 /// The script's ARGV for a batch (see the layout in [`WRITE_SCRIPT`]).
-fn script_args(b: &WriteBatch, users: &[UserWrite], prefix: Option<&str>) -> Vec<String> {
+/// Public for `fuzz/fuzz_targets/redis_args.rs`, which reads it back the
+/// way the script does.
+#[doc(hidden)]
+pub fn script_args(b: &WriteBatch, users: &[UserWrite], prefix: Option<&str>) -> Vec<String> {
     let mut flags = String::new();
     if b.destroy.is_some() {
         flags.push('d');
