@@ -18,88 +18,21 @@ BENCH_ROUNDS (default 3), BENCH_CONNECTIONS (default 64),
 BENCH_SKIP_CRITERION=1.
 """
 
-import atexit
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target", "release", "gimlet")
+from harness import (BIN, GW_CPU, LOAD_CPU, NCPU, PIN, ROOT, TMP, free_port, pinned, proc_status, repin, start,
+                     wait_port, write)
+
 DUR = int(os.environ.get("BENCH_DURATION", "10"))
 CONNS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 SECRET = "bench-secret-0123456789abcdefghijklmnopqrstuv"
-TMP = tempfile.mkdtemp(prefix="gimlet-bench-")
-PROCS = []
-
-
-def cleanup():
-    for p in PROCS:
-        if p.poll() is None:
-            p.terminate()
-    deadline = time.time() + 5
-    for p in PROCS:
-        try:
-            p.wait(max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-    shutil.rmtree(TMP, ignore_errors=True)
-
-
-atexit.register(cleanup)
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-
-NCPU = os.cpu_count() or 1
-PIN = NCPU >= 2 and shutil.which("taskset") is not None
-GW_CPU, LOAD_CPU = "0", "1"
-
-
-def pinned(cpu, cmd):
-    return (["taskset", "-c", cpu] + cmd) if PIN else cmd
-
-
-def repin(pid, cpu):
-    if PIN:
-        subprocess.run(["taskset", "-a", "-p", "-c", cpu, str(pid)], stdout=subprocess.DEVNULL, check=True)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
-def wait_port(port, what):
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"{what} did not start on port {port}")
-
-
-def start(cmd, cpu, **kw):
-    p = subprocess.Popen(pinned(cpu, cmd), **kw)
-    PROCS.append(p)
-    return p
-
-
-def write(name, text):
-    path = os.path.join(TMP, name)
-    with open(path, "w") as f:
-        f.write(text)
-    return path
 
 
 # --- processes -------------------------------------------------------------
@@ -130,6 +63,7 @@ http {{
     location /set3s {{ add_header X-Session-Set "sa=alpha&sb=beta&sc=gamma" always; return 200 "ok\\n"; }}
     location /cw {{ add_header X-Session-Set "cw=1" always; return 200 "ok\\n"; }}
     location /wo/sw {{ add_header X-Session-Set "sh=1" always; return 200 "ok\\n"; }}
+    location /sw {{ add_header X-Session-Set "sh=1" always; return 200 "ok\\n"; }}
     location /wo/incr {{ add_header X-Session-Incr "n=1" always; return 200 "ok\\n"; }}
   }}
 }}
@@ -218,11 +152,7 @@ def get_cookie(port, path):
 
 
 def vm_hwm_mb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return proc_status(pid, "VmHWM") / 1024
 
 
 def cpu_seconds(pid):
