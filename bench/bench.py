@@ -26,8 +26,8 @@ import sys
 import time
 import urllib.request
 
-from harness import (BIN, GW_CPU, LOAD_CPU, NCPU, PIN, ROOT, TMP, free_port, pinned, proc_status, repin, start,
-                     wait_port, write)
+from harness import (BIN, GW_CPU, LOAD_CPU, NCPU, NGINX_COMMON, PIN, ROOT, TMP, free_port, pinned, proc_status,
+                     repin, start, wait_port, write)
 
 DUR = int(os.environ.get("BENCH_DURATION", "10"))
 CONNS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
@@ -40,14 +40,6 @@ SECRET = "bench-secret-0123456789abcdefghijklmnopqrstuv"
 UP = free_port()
 PROXY = free_port()
 REDIS = free_port()
-
-NGINX_COMMON = f"""
-worker_processes 1;
-daemon off;
-master_process off;
-error_log {TMP}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-"""
 
 upstream_conf = write("upstream.conf", NGINX_COMMON + f"""
 pid {TMP}/upstream.pid;

@@ -89,3 +89,13 @@ def proc_status(pid, field):
     except OSError:
         pass
     return 0
+
+
+# Every nginx here: one process in the foreground, its log in TMP.
+NGINX_COMMON = f"""
+worker_processes 1;
+daemon off;
+master_process off;
+error_log {TMP}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+"""

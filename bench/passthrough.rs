@@ -20,13 +20,20 @@ impl ProxyHttp for Pass {
     type CTX = ();
     fn new_ctx(&self) {}
     async fn upstream_peer(&self, _: &mut Session, _: &mut ()) -> Result<Box<HttpPeer>> {
-        Ok(Box::new(HttpPeer::new(self.0.as_str(), false, String::new())))
+        Ok(Box::new(HttpPeer::new(
+            self.0.as_str(),
+            false,
+            String::new(),
+        )))
     }
 }
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let (listen, upstream) = (args.next().expect("LISTEN_ADDR"), args.next().expect("UPSTREAM_ADDR"));
+    let (listen, upstream) = (
+        args.next().expect("LISTEN_ADDR"),
+        args.next().expect("UPSTREAM_ADDR"),
+    );
     let conf = ServerConf {
         threads: 1,
         ..Default::default()
