@@ -14,7 +14,7 @@ use crate::codec::Codec;
 use crate::config::Config;
 use crate::directives::{self, Directives};
 use crate::headers;
-use crate::model::{DirectiveError, DirectiveErrorKind, LocalAnswer, OnError};
+use crate::model::{DirectiveError, DirectiveErrorKind, LocalAnswer, OnError, Step, Steps};
 use crate::routes::{Route, Router};
 use crate::session::{Forward, Outcome, RequestInfo, Session};
 use crate::store::StoreError;
@@ -239,6 +239,102 @@ pub fn upstream_cookie_is_ours(state: &State, line: &[u8]) -> bool {
         .session
         .cookie
         .is_ours(crate::cookie::set_cookie_name(line))
+}
+
+/// What a response did, as `routes[].server_timing` reports it.
+pub struct Did<'a> {
+    pub steps: &'a Steps,
+    /// A session came with the request (a valid cookie).
+    pub had_session: bool,
+    pub round_trips: u32,
+    /// The app's directives, applied; or why they were refused.
+    pub directives: Result<&'a Directives, &'static str>,
+    pub set_cookies: &'a [String],
+}
+
+/// The `Server-Timing` value for one response (README, "Server-Timing"):
+/// where the session came from, the app's time, what was written, the
+/// store round trips, each applied directive (key names, never values) and
+/// each of our cookies set (with its size) or cleared.
+pub fn server_timing(d: &Did) -> String {
+    use std::fmt::Write;
+    let ms = |s: Option<Step>| s.map_or(0.0, |s| s.took.as_secs_f64() * 1000.0);
+    let from = match (d.steps.read, d.had_session) {
+        (Some(_), _) => "store",
+        (None, true) => "cookie",
+        (None, false) => "none",
+    };
+    let wrote = match (d.steps.write, d.set_cookies.is_empty()) {
+        (Some(_), _) => "store",
+        (None, false) => "cookie",
+        (None, true) => "none",
+    };
+    let mut out = String::with_capacity(160);
+    let _ = write!(
+        out,
+        "read;dur={:.3};desc=\"{from}\", app;dur={:.3}, write;dur={:.3};desc=\"{wrote}\", round-trips;desc=\"{}\"",
+        ms(d.steps.read),
+        ms(d.steps.upstream),
+        ms(d.steps.write),
+        d.round_trips
+    );
+    let mut entry = |name: &str, op: &str, key: &str| {
+        let _ = write!(out, ", {name};desc=\"{op}");
+        if !key.is_empty() {
+            out.push(' ');
+            quoted_text(&mut out, key);
+        }
+        out.push('"');
+    };
+    match d.directives {
+        Ok(ds) => {
+            for (k, _) in &ds.set {
+                entry("directive", "set", k);
+            }
+            for k in &ds.delete {
+                entry("directive", "delete", k);
+            }
+            for (k, _) in &ds.incr {
+                entry("directive", "incr", k);
+            }
+            if ds.regenerate {
+                entry("directive", "regenerate", "");
+            }
+            if ds.destroy {
+                entry(
+                    "directive",
+                    if ds.destroy_user {
+                        "destroy user"
+                    } else {
+                        "destroy"
+                    },
+                    "",
+                );
+            }
+        }
+        Err(reason) => entry("directive-error", reason, ""),
+    }
+    for line in d.set_cookies {
+        let name = crate::cookie::set_cookie_name(line.as_bytes());
+        let name = std::str::from_utf8(name).unwrap_or("?");
+        if line.contains("=; Max-Age=0") {
+            entry("cookie", "clear", name);
+        } else {
+            entry("cookie", &format!("set {name}"), &line.len().to_string());
+        }
+    }
+    out
+}
+
+/// `s` inside a quoted-string, bounded, with only visible ASCII other than
+/// `"` and `\` (the app names its keys; a header value must stay valid).
+fn quoted_text(out: &mut String, s: &str) {
+    for c in s.chars().take(64) {
+        out.push(match c {
+            '!' | '#'..='[' | ']'..='~' => c,
+            _ => '?',
+        });
+    }
 }
 
 /// How a response's directives ended, once the store has spoken.
@@ -491,5 +587,82 @@ mod tests {
             (None, None)
         );
         assert!(cache_headers(None, ["accept, *"].into_iter()).1.is_none());
+    }
+
+    #[test]
+    fn server_timing_says_what_was_done_and_never_a_value() {
+        let t0 = std::time::Instant::now();
+        let step = |ms: u64| Step {
+            start: t0,
+            took: std::time::Duration::from_millis(ms),
+        };
+        let login = Directives {
+            set: vec![("user".into(), "alice-secret".into())],
+            regenerate: true,
+            incr: vec![("visits".into(), 1)],
+            ..Default::default()
+        };
+        let logout = Directives {
+            destroy: true,
+            destroy_user: true,
+            delete: vec!["bad\"key\\ é".into()],
+            ..Default::default()
+        };
+        let set = vec!["gimlet=abc; Path=/; HttpOnly".to_string()];
+        let clear = vec!["gimlet.t=; Max-Age=0; Expires=Thu, 01 Jan 1970 00:00:00 GMT".to_string()];
+        let none = Steps::default();
+        let stored = Steps {
+            read: Some(step(1)),
+            upstream: Some(step(2)),
+            write: Some(step(3)),
+        };
+        let cases: [(Did, &str); 4] = [
+            (
+                Did {
+                    steps: &none,
+                    had_session: false,
+                    round_trips: 0,
+                    directives: Ok(&Directives::default()),
+                    set_cookies: &[],
+                },
+                r#"read;dur=0.000;desc="none", app;dur=0.000, write;dur=0.000;desc="none", round-trips;desc="0""#,
+            ),
+            (
+                Did {
+                    steps: &stored,
+                    had_session: true,
+                    round_trips: 2,
+                    directives: Ok(&login),
+                    set_cookies: &set,
+                },
+                r#"read;dur=1.000;desc="store", app;dur=2.000, write;dur=3.000;desc="store", round-trips;desc="2", directive;desc="set user", directive;desc="incr visits", directive;desc="regenerate", cookie;desc="set gimlet 29""#,
+            ),
+            (
+                Did {
+                    steps: &none,
+                    had_session: true,
+                    round_trips: 0,
+                    directives: Ok(&logout),
+                    set_cookies: &clear,
+                },
+                r#"read;dur=0.000;desc="cookie", app;dur=0.000, write;dur=0.000;desc="cookie", round-trips;desc="0", directive;desc="delete bad?key???", directive;desc="destroy user", cookie;desc="clear gimlet.t""#,
+            ),
+            (
+                Did {
+                    steps: &stored,
+                    had_session: true,
+                    round_trips: 1,
+                    directives: Err("not_allowed"),
+                    set_cookies: &[],
+                },
+                r#"read;dur=1.000;desc="store", app;dur=2.000, write;dur=3.000;desc="store", round-trips;desc="1", directive-error;desc="not_allowed""#,
+            ),
+        ];
+        for (did, want) in cases {
+            let got = server_timing(&did);
+            assert_eq!(got, want);
+            assert!(!got.contains("alice-secret"));
+            assert!(http::HeaderValue::from_str(&got).is_ok(), "{got}");
+        }
     }
 }

@@ -17,7 +17,8 @@
 //! 4. [`session`]: the per-request session: read from cookies and the store,
 //!    what is forwarded, how directives apply.
 //! 5. [`config`]: the YAML file, validated into typed settings.
-//! 6. [`routes`], [`metrics`], [`logging`]; [`exchange`]: one request's way
+//! 6. [`routes`], [`metrics`], [`logging`], [`telemetry`] (OTLP spans and the
+//!    W3C trace context); [`exchange`]: one request's way
 //!    through the gateway, without pingora; [`proxy`]: the pingora hooks that
 //!    call it; [`admin`]: metrics, health and the session API.
 //! 7. [`server`]: wiring and signals; [`idle`]: pingora's HTTP/1 loop, with
@@ -44,3 +45,4 @@ pub mod routes;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod telemetry;

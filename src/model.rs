@@ -619,6 +619,44 @@ pub fn parse_i64(s: &str) -> Option<i64> {
     s.parse().ok()
 }
 
+/// When and how long one step of a request took.
+#[derive(Clone, Copy, Debug)]
+pub struct Step {
+    pub start: std::time::Instant,
+    pub took: std::time::Duration,
+}
+
+impl Step {
+    /// A step from `start` until now.
+    pub fn since(start: std::time::Instant) -> Step {
+        Step {
+            start,
+            took: start.elapsed(),
+        }
+    }
+
+    /// This step stretched to the end of `later` (a second round trip of
+    /// the same kind).
+    pub fn through(self, later: Step) -> Step {
+        Step {
+            start: self.start,
+            took: (later.start + later.took).saturating_duration_since(self.start),
+        }
+    }
+}
+
+/// The steps of one request (for `Server-Timing` and trace spans).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Steps {
+    /// The store read (or reads, on a followed login).
+    pub read: Option<Step>,
+    /// From picking the upstream to its response header.
+    pub upstream: Option<Step>,
+    /// The store write and anything that followed it (ending other
+    /// sessions).
+    pub write: Option<Step>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,6 +17,7 @@ use crate::directives::Directives;
 use crate::exchange::{self, Commit, Incoming, Opened, Refused, State};
 use crate::metrics::Metrics;
 use crate::model::{DirectiveError, LocalAnswer, OnDirectiveError};
+use crate::model::{Step, Steps};
 use crate::routes::Route;
 use crate::session::{Forward, Outcome, Session, WriteContext};
 use crate::store::{Read, Refusal, Store, StoreError};
@@ -35,6 +36,8 @@ pub struct Shared {
     /// `None` when `store.kind: none`. A reload keeps the store.
     pub store: Option<Store>,
     pub metrics: Metrics,
+    /// `tracing.otlp`, started with the process.
+    pub tracer: Option<crate::telemetry::Tracer>,
     /// Requests in flight (a graceful shutdown exits when this reaches 0).
     pub inflight: std::sync::atomic::AtomicUsize,
 }
@@ -90,7 +93,11 @@ pub struct Ctx {
     forward: Forward,
     directives: Option<std::result::Result<Directives, DirectiveError>>,
     upstream_start: Option<Instant>,
-    upstream_time: Option<Duration>,
+    /// When the store and the upstream were busy (metrics, Server-Timing,
+    /// trace spans).
+    steps: Steps,
+    /// The W3C trace context (only with `tracing.otlp`).
+    trace: Option<crate::telemetry::Trace>,
     store_round_trips: u32,
     applied: u32,
     /// Our own answer, written by `fail_to_proxy`.
@@ -287,6 +294,7 @@ impl Gateway {
             return Ok(());
         };
         ctx.store_round_trips += 1;
+        let t = Instant::now();
         let mut read = self
             .timed(
                 "read",
@@ -294,6 +302,7 @@ impl Gateway {
                 store.load(&asked.key, asked.mask, asked.check),
             )
             .await;
+        ctx.steps.read = Some(Step::since(t));
         let followed = match &read {
             Ok(Read {
                 moved: Some(moved), ..
@@ -320,6 +329,7 @@ impl Gateway {
                     store.load(&asked.key, asked.mask, asked.check),
                 )
                 .await;
+            ctx.steps.read = Some(Step::since(t));
         }
         if let Err(e) = &read {
             tracing::warn!(route = %route.cfg.name, error = %e, "session store read failed");
@@ -668,7 +678,8 @@ impl ProxyHttp for Gateway {
             forward: Forward::default(),
             directives: None,
             upstream_start: None,
-            upstream_time: None,
+            steps: Steps::default(),
+            trace: None,
             store_round_trips: 0,
             applied: 0,
             answer: None,
@@ -680,6 +691,16 @@ impl ProxyHttp for Gateway {
     async fn request_filter(&self, session: &mut Session_, ctx: &mut Box<Ctx>) -> Result<bool> {
         ctx.now = crate::model::now_ms();
         let state = ctx.state.clone();
+        if let (Some(t), Some(o)) = (&self.shared.tracer, &state.config.tracing) {
+            let h = &session.req_header().headers;
+            let value = |name: &str| h.get(name).map(|v| v.as_bytes());
+            ctx.trace = Some(t.begin(
+                value("traceparent"),
+                value("tracestate"),
+                o.sample_ratio,
+                ctx.start,
+            ));
+        }
         if let Err(e) = normalize_target(session, state.config.paths.keep_escaped_separators) {
             tracing::info!(reason = e.label(), "request target refused");
             let body = format!("bad request path ({})\n", e.label());
@@ -739,6 +760,9 @@ impl ProxyHttp for Gateway {
         peer.options.read_timeout = Some(route.cfg.read_timeout);
         ctx.peer = Some(addr);
         ctx.upstream_start = Some(Instant::now());
+        if let (Some(t), Some(trace)) = (&self.shared.tracer, &mut ctx.trace) {
+            t.upstream(trace, addr);
+        }
         Ok(Box::new(peer))
     }
 
@@ -760,6 +784,14 @@ impl ProxyHttp for Gateway {
                 Cow::Owned(n) => up.insert_header(n, value)?,
             }
         }
+        if let Some(t) = &ctx.trace {
+            // Ours replace the client's: the upstream's parent is our span.
+            up.remove_header("tracestate");
+            up.insert_header("traceparent", t.traceparent())?;
+            if let Some(state) = t.tracestate() {
+                up.insert_header("tracestate", state)?;
+            }
+        }
         Ok(())
     }
 
@@ -771,7 +803,7 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         let status = resp.status.as_u16();
         if let (false, Some(t)) = (exchange::is_interim(status), ctx.upstream_start) {
-            ctx.upstream_time = Some(t.elapsed());
+            ctx.steps.upstream = Some(Step::since(t));
         }
         let max_pairs = ctx.state.config.session.settings.limits.keys;
         let headers = resp.headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
@@ -807,6 +839,7 @@ impl ProxyHttp for Gateway {
             Err(e) => Err(e.clone()),
         };
         let mut outcome = apply(ctx.as_ref());
+        let (write_start, trips) = (Instant::now(), ctx.store_round_trips);
         let mut write = self.write(ctx, &outcome).await;
         let followed = match &write {
             Some(Err(StoreError::Rejected(Refusal::Moved(moved)))) => {
@@ -830,11 +863,43 @@ impl ProxyHttp for Gateway {
                 commit = Commit::Unavailable(e);
             }
         }
+        if ctx.store_round_trips > trips {
+            ctx.steps.write = Some(Step::since(write_start));
+        }
+        let timing = route.cfg.server_timing.then(|| {
+            let (directives, set_cookies) = match (&commit, &parsed) {
+                (Commit::Applied(o), Ok(d)) => (Ok(d), o.set_cookies.as_slice()),
+                (Commit::Applied(o), Err(e)) => (Err(e.label()), o.set_cookies.as_slice()),
+                (Commit::Rejected(e), _) => (Err(e.label()), &[][..]),
+                (Commit::Unavailable(_), _) => (Err("store_unavailable"), &[][..]),
+            };
+            exchange::server_timing(&exchange::Did {
+                steps: &ctx.steps,
+                had_session: ctx.session.meta.is_some(),
+                round_trips: ctx.store_round_trips,
+                directives,
+                set_cookies,
+            })
+        });
         match commit {
-            Commit::Applied(o) => self.send_cookies(resp, ctx, o),
+            Commit::Applied(o) => {
+                if let Some(t) = timing {
+                    resp.append_header("server-timing", t)?;
+                }
+                self.send_cookies(resp, ctx, o)
+            }
             refused => {
                 self.end_idle(ctx).await;
-                self.refuse(ctx, route, refused)
+                let r = self.refuse(ctx, route, refused);
+                match (timing, &mut ctx.answer) {
+                    // Our own 502 or 503 says it too.
+                    (Some(t), Some(a)) => a.headers.push(("server-timing", t)),
+                    (Some(t), None) => {
+                        resp.append_header("server-timing", t)?;
+                    }
+                    _ => {}
+                }
+                r
             }
         }
     }
@@ -914,6 +979,7 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session_, e: Option<&Error>, ctx: &mut Box<Ctx>) {
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let trace = ctx.trace.take();
         let route = ctx.route_name();
         let m = &self.shared.metrics;
         let elapsed = ctx.start.elapsed();
@@ -923,12 +989,30 @@ impl ProxyHttp for Gateway {
         m.request_duration
             .with_label_values(&[route])
             .observe(elapsed.as_secs_f64());
-        if let Some(t) = ctx.upstream_time {
+        if let Some(t) = ctx.steps.upstream {
             m.upstream_duration
                 .with_label_values(&[route])
-                .observe(t.as_secs_f64());
+                .observe(t.took.as_secs_f64());
         }
         let req = session.req_header();
+        // Our own 502 for rejected directives is said by directive_error.
+        let error = ctx.rejected.or_else(|| e.map(|e| e.etype().as_str()));
+        if let (Some(t), Some(mut trace)) = (&self.shared.tracer, trace) {
+            t.finish(
+                &mut trace,
+                &crate::telemetry::Finished {
+                    method: req.method.as_str(),
+                    path: req.uri.path(),
+                    route,
+                    status,
+                    steps: &ctx.steps,
+                    session: ctx.session.meta.is_some(),
+                    round_trips: ctx.store_round_trips,
+                    directives: ctx.applied,
+                    error,
+                },
+            );
+        }
         tracing::info!(
             target: "gimlet::access",
             method = %req.method,

@@ -166,6 +166,7 @@ mod tests {
             on_directive_error: OnDirectiveError::Reject,
             connect_timeout: Duration::from_secs(1),
             read_timeout: Duration::from_secs(1),
+            server_timing: false,
         }
     }
 

@@ -42,6 +42,9 @@ pub enum StartError {
     /// The demo's data directory or app port.
     #[error("{0}")]
     Demo(String),
+    /// The OTLP exporter could not be built.
+    #[error("{0}")]
+    Tracing(String),
 }
 
 /// Open the configured store. Embedded opens its file now (a startup error
@@ -103,9 +106,16 @@ pub fn run(
     }
     let store = open_store(&config)?;
     let state = State::new(config.clone()).map_err(StartError::Routes)?;
+    let tracer = config
+        .tracing
+        .as_ref()
+        .map(crate::telemetry::Tracer::start)
+        .transpose()
+        .map_err(StartError::Tracing)?;
     let shared = Arc::new(Shared {
         state: arc_swap::ArcSwap::from_pointee(state),
         store,
+        tracer,
         metrics: Metrics::new(),
         inflight: Default::default(),
     });
@@ -222,6 +232,9 @@ pub fn run(
         }),
     });
     let _ = std::fs::remove_dir_all(&run_dir);
+    if let Some(t) = &shared.tracer {
+        t.shutdown();
+    }
     Ok(())
 }
 
@@ -365,6 +378,18 @@ impl Reloader {
                 }
                 if c.listen != old.config.listen || c.admin != old.config.admin {
                     tracing::warn!("reload: listener changes take effect after a restart");
+                }
+                // The exporter runs for the process: a reload can change the
+                // sample ratio or turn traces off, not start or move them.
+                let started = self.shared.tracer.as_ref().map(|t| &t.config.endpoint);
+                match (&c.tracing, started) {
+                    (Some(_), None) => tracing::warn!(
+                        "reload: tracing.otlp was off at start; traces start after a restart"
+                    ),
+                    (Some(o), Some(e)) if &o.endpoint != e || o.headers != self.shared.tracer.as_ref().map_or(vec![], |t| t.config.headers.clone()) => {
+                        tracing::warn!("reload: tracing.otlp endpoint or headers changed; they take effect after a restart")
+                    }
+                    _ => {}
                 }
                 State::new(c)
             });

@@ -34,3 +34,10 @@ pub const ON_MISSING_STATUS: u16 = 401;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// `routes[].read_timeout`.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `tracing.otlp.sample_ratio`: every request (the OpenTelemetry default).
+pub const SAMPLE_RATIO: f64 = 1.0;
+/// `tracing.otlp.service_name`.
+pub const SERVICE_NAME: &str = "gimlet";
+/// `tracing.otlp.timeout`: one export.
+pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -176,7 +176,7 @@ fn quoted_after(message: &str, prefix: &str) -> Option<String> {
 /// Which mapping a required field belongs to: the nearest ancestor of the
 /// path serde reported whose section has that field.
 fn owner_of(path: &str, field: &str) -> String {
-    const REQUIRED: [(&str, &str); 7] = [
+    const REQUIRED: [(&str, &str); 8] = [
         ("", "session"),
         ("", "routes"),
         ("session", "secrets"),
@@ -184,6 +184,7 @@ fn owner_of(path: &str, field: &str) -> String {
         ("routes[]", "upstreams"),
         ("listen[]", "addr"),
         ("admin", "addr"),
+        ("tracing.otlp", "endpoint"),
     ];
     let kind = |p: &str| -> String {
         // routes[3].match -> routes[].match

@@ -55,7 +55,20 @@ pub struct Config {
     pub store: StoreConfig,
     pub server: ServerConfig,
     pub paths: PathsConfig,
+    /// `tracing.otlp`: `None` when traces are off.
+    pub tracing: Option<OtlpConfig>,
     pub routes: Vec<RouteConfig>,
+}
+
+/// `tracing.otlp` (README, "Tracing").
+#[derive(Clone, Debug, PartialEq)]
+pub struct OtlpConfig {
+    /// The full URL spans are posted to (`.../v1/traces`).
+    pub endpoint: String,
+    pub sample_ratio: f64,
+    pub service_name: String,
+    pub headers: Vec<(String, Redacted)>,
+    pub timeout: Duration,
 }
 
 /// `paths:` (SPEC section 3).
@@ -157,6 +170,8 @@ pub struct RouteConfig {
     pub on_directive_error: OnDirectiveError,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// `server_timing: true`: answer with a `Server-Timing` header.
+    pub server_timing: bool,
 }
 
 /// The JSON Schema of the config file, derived from the types the file is
@@ -343,6 +358,7 @@ fn build(raw: RawConfig, file: &Path, base: &Path, e: &mut Errors) -> Config {
         ) == "keep",
     };
 
+    let tracing = raw.tracing.otlp.as_ref().map(|o| build_otlp(o, base, e));
     let routes = routes::build_routes(&raw.routes, e);
 
     Config {
@@ -356,7 +372,61 @@ fn build(raw: RawConfig, file: &Path, base: &Path, e: &mut Errors) -> Config {
         store,
         server,
         paths,
+        tracing,
         routes,
+    }
+}
+
+fn build_otlp(o: &raw::RawOtlp, base: &Path, e: &mut Errors) -> OtlpConfig {
+    let url = e.text("tracing.otlp.endpoint", &o.endpoint);
+    let url = url.trim();
+    let endpoint = match url.split_once("://") {
+        Some(("http", rest)) if !rest.is_empty() && !rest.starts_with('/') => {
+            if rest.contains('/') && !rest.ends_with('/') {
+                url.to_string()
+            } else {
+                format!("{}/v1/traces", url.trim_end_matches('/'))
+            }
+        }
+        _ => {
+            e.add(
+                "tracing.otlp.endpoint",
+                format!("expected the http:// URL of an OTLP/HTTP collector (e.g. http://collector:4318; for a TLS collector, export through a local collector agent), found `{url}`"),
+            );
+            String::new()
+        }
+    };
+    let sample_ratio = o.sample_ratio.unwrap_or(defaults::SAMPLE_RATIO);
+    if !(0.0..=1.0).contains(&sample_ratio) {
+        e.add("tracing.otlp.sample_ratio", "must be between 0 and 1");
+    }
+    let service_name = e
+        .opt_text("tracing.otlp.service_name", &o.service_name)
+        .unwrap_or_else(|| defaults::SERVICE_NAME.to_string());
+    let headers = o
+        .headers
+        .iter()
+        .filter_map(|(name, v)| {
+            let field = format!("tracing.otlp.headers.{name}");
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                e.add(field, "not a valid header name");
+                return None;
+            }
+            let value = session::read_secret(e, &field, v, base)?;
+            if http::HeaderValue::from_str(&value).is_err() {
+                e.add(field, "not a valid header value");
+                return None;
+            }
+            Some((name.clone(), Redacted(value)))
+        })
+        .collect();
+    let timeout = e.duration("tracing.otlp.timeout", &o.timeout, defaults::EXPORT_TIMEOUT);
+    OtlpConfig {
+        endpoint,
+        sample_ratio,
+        service_name,
+        headers,
+        timeout,
     }
 }
 
@@ -653,6 +723,10 @@ mod tests {
             ("session:\n  secrets: \"{S}\"\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "session.secrets: invalid type: a string, expected a sequence (line 2)"),
             ("session:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n    upstreams: [nope]\n", "routes[0].upstreams[0]: `nope` is not host:port (line 5)"),
             ("session:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n    match: { path_prefx: /a }\n    upstreams: [a:1]\n", "routes[0].match.path_prefx: unknown field, did you mean path_prefix? (line 5)"),
+            ("session:\n  secrets: [\"{S}\"]\ntracing:\n  otlp: { endpoint: \"https://c:4318\" }\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "tracing.otlp.endpoint: expected the http:// URL of an OTLP/HTTP collector (e.g. http://collector:4318; for a TLS collector, export through a local collector agent), found `https://c:4318` (line 4)"),
+            ("session:\n  secrets: [\"{S}\"]\ntracing:\n  otlp: { endpoint: \"http://c:4318\", sample_ratio: 2 }\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "tracing.otlp.sample_ratio: must be between 0 and 1 (line 4)"),
+            ("session:\n  secrets: [\"{S}\"]\ntracing:\n  otlp: { sample_ratio: 0.5 }\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "tracing.otlp: missing field endpoint (line 4)"),
+            ("session:\n  secrets: [\"{S}\"]\ntracing:\n  otlp: { endpoint: \"http://c:4318\", headers: { \"bad name\": x } }\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "tracing.otlp.headers.bad name: not a valid header name (line 4)"),
             ("session:\n  secrets: [\"{S}\"]\n  zzz: 1\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "session.zzz: unknown field (known: secrets, encrypt, cookie, lifetime, idle_timeout, touch_interval, undeclared_keys, keys, limits, dev_insecure, revocation, regenerate_grace, user_key, max_per_user, track) (line 3)"),
         ];
         let mut wrong = Vec::new();

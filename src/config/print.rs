@@ -99,6 +99,7 @@ impl Config {
                     },
                     "connect_timeout": dur(r.connect_timeout),
                     "read_timeout": dur(r.read_timeout),
+                    "server_timing": r.server_timing,
                 })
             })
             .collect();
@@ -153,6 +154,13 @@ impl Config {
             "store": store,
             "server": { "threads": self.server.threads, "grace_period": dur(self.server.grace_period) },
             "paths": { "escaped_separators": if self.paths.keep_escaped_separators { "keep" } else { "reject" } },
+            "tracing": { "otlp": self.tracing.as_ref().map(|o| json!({
+                "endpoint": url(&o.endpoint),
+                "sample_ratio": o.sample_ratio,
+                "service_name": o.service_name,
+                "headers": o.headers.iter().map(|(h, _)| (h.clone(), json!(REDACTED))).collect::<serde_json::Map<_, _>>(),
+                "timeout": dur(o.timeout),
+            })) },
             "routes": routes,
         });
         serde_yaml::to_string(&v).expect("plain data serializes")

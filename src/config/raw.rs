@@ -127,7 +127,33 @@ pub(super) struct RawConfig {
     pub(super) server: RawServer,
     #[serde(default)]
     pub(super) paths: RawPaths,
+    #[serde(default)]
+    pub(super) tracing: RawTracing,
     pub(super) routes: Vec<RawRoute>,
+}
+
+#[derive(schemars::JsonSchema, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTracing {
+    /// Export request spans over OTLP/HTTP (protobuf) to a collector.
+    pub(super) otlp: Option<RawOtlp>,
+}
+
+#[derive(schemars::JsonSchema, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOtlp {
+    /// The collector's base URL (`http://collector:4318`); `/v1/traces` is
+    /// appended unless the URL has a path.
+    pub(super) endpoint: Str,
+    /// The share of requests traced, 0 to 1 (default 1).
+    pub(super) sample_ratio: Option<f64>,
+    /// `service.name` of the spans (default `gimlet`).
+    pub(super) service_name: Option<Str>,
+    /// Headers sent with every export (`${ENV}` / `file:` like secrets).
+    #[serde(default)]
+    pub(super) headers: BTreeMap<String, Str>,
+    /// How long one export may take (default 10s).
+    pub(super) timeout: Option<Str>,
 }
 
 #[derive(schemars::JsonSchema, Deserialize, Default)]
@@ -257,6 +283,10 @@ pub(super) struct RawRoute {
     pub(super) on_directive_error: Option<Str>,
     pub(super) connect_timeout: Option<Str>,
     pub(super) read_timeout: Option<Str>,
+    /// Add a `Server-Timing` header saying what the gateway did (README,
+    /// "Server-Timing"); off by default, it shows key names and timings.
+    #[serde(default)]
+    pub(super) server_timing: bool,
 }
 
 #[derive(schemars::JsonSchema, Deserialize, Default)]

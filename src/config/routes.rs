@@ -172,6 +172,7 @@ pub(super) fn build_routes(raw: &[RawRoute], e: &mut Errors) -> Vec<RouteConfig>
             on_directive_error,
             connect_timeout,
             read_timeout,
+            server_timing: r.server_timing,
         });
     }
     out
