@@ -2,7 +2,8 @@
 #   make demo   run the gateway on the embedded store in front of the demo app
 #   make test   run every test (unit, integration, Redis; real processes)
 # Both install what a fresh Debian machine lacks first (cmake for pingora,
-# redis-server and redis-tools for the Redis tests, php-cli for the PHP check).
+# redis-server and redis-tools for the Redis tests, php-cli for the PHP check,
+# chromium and chromium-driver for the demo's browser test).
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -14,6 +15,8 @@ deps:
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v redis-cli >/dev/null || missing="$$missing redis-tools"; \
 	command -v php >/dev/null || missing="$$missing php-cli"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \

@@ -635,7 +635,7 @@ mod tests {
                     directives: Ok(&login),
                     set_cookies: &set,
                 },
-                r#"read;dur=1.000;desc="store", app;dur=2.000, write;dur=3.000;desc="store", round-trips;desc="2", directive;desc="set user", directive;desc="incr visits", directive;desc="regenerate", cookie;desc="set gimlet 29""#,
+                r#"read;dur=1.000;desc="store", app;dur=2.000, write;dur=3.000;desc="store", round-trips;desc="2", directive;desc="set user", directive;desc="incr visits", directive;desc="regenerate", cookie;desc="set gimlet 28""#,
             ),
             (
                 Did {
