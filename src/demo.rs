@@ -285,7 +285,7 @@ header code{color:#fff}
 .big{font-size:30px;font-weight:700;letter-spacing:-.02em;line-height:1.1;font-variant-numeric:tabular-nums;overflow-wrap:anywhere}
 .row{display:flex;flex-wrap:wrap;gap:8px;align-items:center}
 .spread{justify-content:space-between}
-.grow{flex:1 1 220px}
+.grow{flex:1 1 170px}
 p.big{margin:2px 0 14px}
 .items{margin:0 0 12px;min-height:24px}
 form{margin:0}
@@ -373,7 +373,7 @@ document.querySelectorAll('form[data-action]').forEach(function(f){f.addEventLis
   fetch(f.action,{method:'POST',body:new URLSearchParams(new FormData(f)),headers:{'Accept':'application/json'},credentials:'same-origin'}).then(function(r){
     var timing=r.headers.get('server-timing')||'';
     // Not the app's JSON (the gateway answered itself, e.g. an error page): show it as is.
-    if(!/json/.test(r.headers.get('content-type')||''))return r.text().then(function(t){document.open();document.write(t);document.close();});
+    if(!/json/.test(r.headers.get('content-type')||''))return r.text().then(function(t){var pre=document.createElement('pre');pre.className='note gate';pre.textContent=r.status+' '+t;document.querySelector('main').prepend(pre);});
     return r.json().then(function(j){sessionStorage.setItem('gimlet-last',JSON.stringify({action:f.dataset.action,timing:timing}));location.href=j.next||'/';});
   },function(){f.submit();});});});
 })();

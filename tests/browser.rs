@@ -156,6 +156,44 @@ async fn fits(c: &Client, page: &str) {
     );
 }
 
+/// The value of a panel's tile (`#last` or `#load`), e.g. "Store round trips".
+async fn stat(c: &Client, panel: &str, label: &str) -> String {
+    let v = c
+        .execute(
+            "const [panel, label] = arguments; \
+             const s = [...document.querySelectorAll(panel + ' .stat')] \
+               .find(s => s.firstChild.textContent === label); \
+             return s ? s.querySelector('b').textContent : null;",
+            vec![json!(panel), json!(label)],
+        )
+        .await
+        .unwrap();
+    v.as_str()
+        .unwrap_or_else(|| panic!("no {label} in {panel}"))
+        .to_string()
+}
+
+/// The size in bytes of each gateway cookie a panel says was set:
+/// `("gimlet", 212)` from a chip "set gimlet · 212 B".
+async fn cookies_set(c: &Client, panel: &str) -> Vec<(String, usize)> {
+    let v = c
+        .execute(
+            "return [...document.querySelectorAll(arguments[0] + ' .chip.cookie')].map(c => c.textContent);",
+            vec![json!(panel)],
+        )
+        .await
+        .unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| {
+            let t = t.as_str()?.strip_prefix("set ")?.strip_suffix(" B")?;
+            let (name, bytes) = t.split_once(" · ")?;
+            Some((name.to_string(), bytes.parse().ok()?))
+        })
+        .collect()
+}
+
 /// Click and wait for the next page to show `ready`.
 async fn click(c: &Client, css: &str, ready: &str) {
     c.execute("window.__old = true;", vec![]).await.unwrap();
@@ -228,6 +266,13 @@ async fn the_demo_works_in_a_real_browser_on_a_phone() {
     for want in ["set user", "regenerate", "set gimlet"] {
         assert!(last.contains(want), "{want} in {last}");
     }
+    let set = cookies_set(&c, "#last").await;
+    assert!(
+        set.iter()
+            .any(|(n, b)| n == "gimlet" && *b > 50 && *b < 4096),
+        "the session cookie, with its size: {set:?}"
+    );
+    assert_eq!(stat(&c, "#last", "Written to").await, "the store");
     shot(&driver, &c, "03-account.png").await;
 
     // Home: the id changed on login, shown once (8 hex digits each).
@@ -256,10 +301,12 @@ async fn the_demo_works_in_a_real_browser_on_a_phone() {
     )
     .await;
     let last = text(&c, "#last").await;
-    assert!(
-        last.contains("incr visits") && last.contains("Store round trips"),
-        "{last}"
-    );
+    assert!(last.contains("incr visits"), "{last}");
+    let trips: u32 = stat(&c, "#last", "Store round trips")
+        .await
+        .parse()
+        .unwrap();
+    assert!(trips >= 1, "an Incr is a store round trip: {last}");
     assert!(c.find(Locator::Css("#ids")).await.is_err(), "shown once");
 
     // The cart lives in the cookie: no store write, a bigger cookie.
@@ -277,7 +324,14 @@ async fn the_demo_works_in_a_real_browser_on_a_phone() {
     .await;
     let last = text(&c, "#last").await;
     assert!(last.contains("set cart"), "{last}");
-    assert!(last.contains("set gimlet"), "{last}");
+    assert_eq!(stat(&c, "#last", "Written to").await, "the cookie");
+    assert!(
+        cookies_set(&c, "#last")
+            .await
+            .iter()
+            .any(|(n, _)| n == "gimlet"),
+        "{last}"
+    );
     fits(&c, "logged in").await;
     shot(&driver, &c, "04-logged-in.png").await;
 
@@ -285,6 +339,7 @@ async fn the_demo_works_in_a_real_browser_on_a_phone() {
     click(&c, "#logout", "document.querySelector('#login')").await;
     let last = text(&c, "#last").await;
     assert!(last.contains("destroy"), "{last}");
+    assert!(last.contains("cleared gimlet"), "{last}");
     assert!(text(&c, "#flash").await.contains("Logged out"));
     assert_eq!(text(&c, "#visits").await, "0");
     shot(&driver, &c, "05-logged-out.png").await;
