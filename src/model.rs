@@ -634,15 +634,6 @@ impl Step {
             took: start.elapsed(),
         }
     }
-
-    /// This step stretched to the end of `later` (a second round trip of
-    /// the same kind).
-    pub fn through(self, later: Step) -> Step {
-        Step {
-            start: self.start,
-            took: (later.start + later.took).saturating_duration_since(self.start),
-        }
-    }
 }
 
 /// The steps of one request (for `Server-Timing` and trace spans).

@@ -381,12 +381,13 @@ impl Reloader {
                 }
                 // The exporter runs for the process: a reload can change the
                 // sample ratio or turn traces off, not start or move them.
-                let started = self.shared.tracer.as_ref().map(|t| &t.config.endpoint);
-                match (&c.tracing, started) {
+                match (&c.tracing, self.shared.tracer.as_ref().map(|t| &t.config)) {
                     (Some(_), None) => tracing::warn!(
                         "reload: tracing.otlp was off at start; traces start after a restart"
                     ),
-                    (Some(o), Some(e)) if &o.endpoint != e || o.headers != self.shared.tracer.as_ref().map_or(vec![], |t| t.config.headers.clone()) => {
+                    (Some(new), Some(started))
+                        if new.endpoint != started.endpoint || new.headers != started.headers =>
+                    {
                         tracing::warn!("reload: tracing.otlp endpoint or headers changed; they take effect after a restart")
                     }
                     _ => {}

@@ -259,10 +259,6 @@ impl Trace {
         let s = self.state.header();
         (!s.is_empty()).then_some(s)
     }
-
-    pub fn sampled(&self) -> bool {
-        self.recorded.is_some()
-    }
 }
 
 /// What a finished request did, for its server span.

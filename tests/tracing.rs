@@ -322,6 +322,37 @@ async fn an_unsampled_request_passes_a_trace_context_and_exports_nothing() {
     std::thread::sleep(Duration::from_millis(2500));
     assert!(collector.got.lock().unwrap().spans.is_empty());
 
+    // A reload changes the ratio: the next request is recorded.
+    let reload = |from: &str, to: &str, n: f64| {
+        let yaml = std::fs::read_to_string(&g.config).unwrap();
+        std::fs::write(&g.config, yaml.replace(from, to)).unwrap();
+        g.signal("HUP");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let rt = tokio::runtime::Handle::current();
+        while tokio::task::block_in_place(|| {
+            rt.block_on(g.metric("gimlet_config_reloads_total{result=\"ok\"}"))
+        }) < n
+        {
+            assert!(Instant::now() < deadline, "no reload: {}", g.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    reload("sample_ratio: 0\n", "sample_ratio: 1\n", 1.0);
+    let r = b.get("/", &[]).await;
+    let (t, _, flags) = traceparent(&r.got_header("traceparent").unwrap());
+    assert_eq!(flags, "01");
+    assert!(
+        !collector.trace(&t, 2).is_empty(),
+        "recorded after the reload"
+    );
+    // A new endpoint needs a restart, and the reload says so.
+    reload(&collector.addr.to_string(), "127.0.0.1:9", 2.0);
+    assert!(
+        g.log().contains("tracing.otlp endpoint or headers changed"),
+        "{}",
+        g.log()
+    );
+
     // Without tracing.otlp, the client's trace context is not ours to touch.
     let plain = Gateway::start(&config(&up, "", "{ kind: memory }", ""));
     let theirs = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
