@@ -324,9 +324,9 @@ def main():
 def run_criterion():
     if os.environ.get("BENCH_SKIP_CRITERION"):
         return "(skipped: BENCH_SKIP_CRITERION set)"
-    out = subprocess.run(
-        ["cargo", "bench", "--bench", "codec", "--", "--warm-up-time", "1", "--measurement-time", "3"],
-        cwd=ROOT, capture_output=True, text=True).stdout
+    out = "".join(subprocess.run(
+        ["cargo", "bench", "--bench", b, "--", "--warm-up-time", "1", "--measurement-time", "3"],
+        cwd=ROOT, capture_output=True, text=True).stdout for b in ("codec", "request"))
     rows = ["| benchmark | time (median estimate) |", "|---|---:|"]
     name = None
     for line in out.splitlines():
@@ -384,7 +384,7 @@ def write_results(table, checks_md, criterion_md):
         "",
         checks_md,
         "",
-        "## Micro-benchmarks (Criterion, `cargo bench --bench codec`)",
+        "## Micro-benchmarks (Criterion, `cargo bench --bench codec` and `--bench request`)",
         "",
         criterion_md,
         "",

@@ -245,6 +245,44 @@ impl Metrics {
     }
 }
 
+/// The status as a label, without an allocation per request.
+pub fn status_label(s: u16) -> &'static str {
+    STATUS_LABELS
+        .get(s as usize)
+        .map_or("other", |s| s.as_str())
+}
+
+static STATUS_LABELS: std::sync::LazyLock<Vec<String>> =
+    std::sync::LazyLock::new(|| (0..600).map(|c| c.to_string()).collect());
+
+/// One route's per-request series, resolved once per route (and per status
+/// the route answers with) instead of on every request: `with_label_values`
+/// hashes its labels and takes the family's lock each time.
+pub struct RouteMetrics {
+    pub request_duration: Histogram,
+    pub upstream_duration: Histogram,
+    /// `gimlet_requests_total` by status (0..600, then "other"), filled the
+    /// first time the route answers with that status, so only statuses seen
+    /// are exported, as before.
+    requests: Box<[std::sync::OnceLock<IntCounter>]>,
+}
+
+impl RouteMetrics {
+    pub fn new(m: &Metrics, route: &str) -> RouteMetrics {
+        RouteMetrics {
+            request_duration: m.request_duration.with_label_values(&[route]),
+            upstream_duration: m.upstream_duration.with_label_values(&[route]),
+            requests: (0..=600).map(|_| std::sync::OnceLock::new()).collect(),
+        }
+    }
+
+    pub fn requests(&self, m: &Metrics, route: &str, status: u16) -> &IntCounter {
+        let i = (status as usize).min(600);
+        self.requests[i]
+            .get_or_init(|| m.requests.with_label_values(&[route, status_label(status)]))
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()

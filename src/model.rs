@@ -41,12 +41,31 @@ impl SessionId {
 
     pub fn hex(&self) -> String {
         let mut s = String::with_capacity(32);
-        for b in self.0 {
-            s.push(char::from_digit((b >> 4) as u32, 16).unwrap());
-            s.push(char::from_digit((b & 15) as u32, 16).unwrap());
-        }
+        self.push_hex(&mut s);
         s
     }
+
+    /// Append the 32 lower-case hex digits (store keys are built this way,
+    /// several per request: no `format!`).
+    pub fn push_hex(&self, out: &mut String) {
+        let mut buf = [0u8; 32];
+        for (i, b) in self.0.iter().enumerate() {
+            buf[2 * i] = HEX_DIGITS[(b >> 4) as usize];
+            buf[2 * i + 1] = HEX_DIGITS[(b & 15) as usize];
+        }
+        out.push_str(std::str::from_utf8(&buf).expect("hex digits are ASCII"));
+    }
+}
+
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+/// Append `n` as 8 lower-case hex digits (`{n:08x}`).
+pub fn push_hex8(out: &mut String, n: u32) {
+    let mut buf = [0u8; 8];
+    for (i, d) in buf.iter_mut().enumerate() {
+        *d = HEX_DIGITS[(n >> ((7 - i) * 4)) as usize & 15];
+    }
+    out.push_str(std::str::from_utf8(&buf).expect("hex digits are ASCII"));
 }
 
 impl fmt::Display for SessionId {
@@ -211,7 +230,9 @@ impl Policy {
 /// Key policies from `session.keys` and `session.undeclared_keys`.
 #[derive(Clone, Debug)]
 pub struct KeyPolicies {
-    pub declared: std::collections::HashMap<String, Policy>,
+    /// Fx-hashed: looked up several times per key on every request, and
+    /// its keys come from the config, never from a client.
+    pub declared: rustc_hash::FxHashMap<String, Policy>,
     /// Policy of keys not in `declared`; `None` means `undeclared_keys: reject`.
     pub undeclared: Option<Policy>,
     /// Placement of undeclared values found in existing data under `reject`.
@@ -662,6 +683,20 @@ mod tests {
             .bytes()
             .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn hand_written_hex_matches_format() {
+        for n in [0u32, 1, 0x1234, 0xdead_beef, u32::MAX, 0x0f0f_0f0f] {
+            let mut s = String::from("p{");
+            push_hex8(&mut s, n);
+            assert_eq!(s, format!("p{{{n:08x}"));
+        }
+        for bytes in [[0u8; 16], [0xff; 16], [0xa5; 16], *b"0123456789abcdef"] {
+            let id = SessionId(bytes);
+            let want: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(id.hex(), want);
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@
 
 use crate::directives::Directives;
 use crate::exchange::{self, Commit, Incoming, Opened, Refused, State};
-use crate::metrics::Metrics;
+use crate::metrics::{status_label, Metrics, RouteMetrics};
 use crate::model::{DirectiveError, LocalAnswer, OnDirectiveError};
 use crate::model::{Step, Steps};
 use crate::routes::Route;
@@ -134,6 +134,11 @@ impl Ctx {
 
 type Session_ = pingora::proxy::Session;
 
+// Looked up on every request: a `HeaderName` finds its entry directly, a
+// `&str` is parsed into one first.
+static X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+
 fn client_ip(session: &Session_) -> Option<std::net::IpAddr> {
     session
         .client_addr()
@@ -158,13 +163,13 @@ fn incoming(session: &Session_, now: u64) -> Incoming<'_, impl Iterator<Item = &
             .map(|v| v.as_bytes()),
         forwarded_https: req
             .headers
-            .get("x-forwarded-proto")
+            .get(&X_FORWARDED_PROTO)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https")),
         tls: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
         client_ip: client_ip(session),
         forwarded_for: req
             .headers
-            .get_all("x-forwarded-for")
+            .get_all(&X_FORWARDED_FOR)
             .iter()
             .next_back()
             .and_then(|v| v.to_str().ok()),
@@ -204,7 +209,7 @@ fn strip_client_headers(up: &mut RequestHeader, ctx: &Ctx) -> Result<Vec<String>
     // read it before every spelling of it is stripped.
     let prior_xff: Vec<String> = up
         .headers
-        .get_all("x-forwarded-for")
+        .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok().map(str::to_string))
         .collect();
@@ -217,6 +222,9 @@ fn strip_client_headers(up: &mut RequestHeader, ctx: &Ctx) -> Result<Vec<String>
         .collect();
     for name in &strip {
         up.remove_header(name);
+    }
+    if !up.headers.contains_key(http::header::COOKIE) {
+        return Ok(prior_xff);
     }
     let cookies = up
         .headers
@@ -779,6 +787,11 @@ impl ProxyHttp for Gateway {
             .session
             .upstream_headers(forward, ctx.https, ip, &prior_xff)
         {
+            let value = match value {
+                Cow::Borrowed(v) => http::HeaderValue::from_static(v),
+                Cow::Owned(v) => http::HeaderValue::try_from(v)
+                    .map_err(|_| Error::explain(InternalError, "invalid upstream header value"))?,
+            };
             match name {
                 Cow::Borrowed(n) => up.insert_header(n, value)?,
                 Cow::Owned(n) => up.insert_header(n, value)?,
@@ -983,16 +996,24 @@ impl ProxyHttp for Gateway {
         let route = ctx.route_name();
         let m = &self.shared.metrics;
         let elapsed = ctx.start.elapsed();
-        m.requests
-            .with_label_values(&[route, status_label(status)])
-            .inc();
-        m.request_duration
-            .with_label_values(&[route])
-            .observe(elapsed.as_secs_f64());
-        if let Some(t) = ctx.steps.upstream {
-            m.upstream_duration
-                .with_label_values(&[route])
-                .observe(t.took.as_secs_f64());
+        match ctx.route() {
+            Some(r) => {
+                let rm = r.metrics.get_or_init(|| RouteMetrics::new(m, route));
+                rm.requests(m, route, status).inc();
+                rm.request_duration.observe(elapsed.as_secs_f64());
+                if let Some(t) = ctx.steps.upstream {
+                    rm.upstream_duration.observe(t.took.as_secs_f64());
+                }
+            }
+            // Refused before routing (a bad target, no route): rare.
+            None => {
+                m.requests
+                    .with_label_values(&[route, status_label(status)])
+                    .inc();
+                m.request_duration
+                    .with_label_values(&[route])
+                    .observe(elapsed.as_secs_f64());
+            }
         }
         let req = session.req_header();
         // Our own 502 for rejected directives is said by directive_error.
@@ -1111,14 +1132,4 @@ fn judge_target(raw: &[u8], keep: bool) -> std::result::Result<Target, crate::pa
         rewrite,
         authority: authority.map(<[u8]>::to_vec),
     })
-}
-
-static STATUS_LABELS: std::sync::LazyLock<Vec<String>> =
-    std::sync::LazyLock::new(|| (0..600).map(|c| c.to_string()).collect());
-
-/// The status as a label without an allocation per request.
-fn status_label(s: u16) -> &'static str {
-    STATUS_LABELS
-        .get(s as usize)
-        .map_or("other", |s| s.as_str())
 }

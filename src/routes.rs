@@ -10,6 +10,8 @@ pub struct Route {
     pub cfg: RouteConfig,
     pub upstreams: Vec<SocketAddr>,
     next: AtomicUsize,
+    /// This route's metric series, resolved on its first request.
+    pub metrics: std::sync::OnceLock<crate::metrics::RouteMetrics>,
 }
 
 impl Route {
@@ -66,6 +68,7 @@ impl Router {
                     cfg: c.clone(),
                     upstreams,
                     next: AtomicUsize::new(0),
+                    metrics: std::sync::OnceLock::new(),
                 },
             ));
         }

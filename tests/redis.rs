@@ -604,3 +604,34 @@ async fn the_first_request_after_a_redis_restart_succeeds() {
         assert_eq!(status, 200, "the first {what} after a restart failed");
     }
 }
+
+/// The write script is sent as `EVALSHA`; a server that lost it (restart,
+/// failover, `SCRIPT FLUSH`) answers NOSCRIPT, and the gateway loads it and
+/// runs the write once more: the request succeeds and is written once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flushed_write_script_is_loaded_again() {
+    let r = RedisServer::start();
+    let up = Upstream::start();
+    let g = Gateway::start(&redis_yaml(&up, &store_for(&r, ""), ""));
+    let mut b = Browser::new(&g);
+    b.get("/", &[("X-Session-Set", "n=1")]).await;
+    for round in 0..3 {
+        assert_eq!(r.cli(&["SCRIPT", "FLUSH"]).trim(), "OK");
+        r.reset_stats();
+        let resp = b.get("/", &[("X-Session-Incr", "n=1")]).await;
+        assert_eq!(resp.status, 200, "round {round}");
+        let s = r.commandstats();
+        // One refused EVALSHA (counted or not, by Redis version), one
+        // SCRIPT LOAD, one EVALSHA that ran; the count below says it ran
+        // exactly once.
+        assert!(
+            matches!(s.get("evalsha"), Some(1 | 2)),
+            "round {round}: {s:?}"
+        );
+        assert_eq!(s.get("script|load"), Some(&1), "round {round}: {s:?}");
+        assert_eq!(
+            b.get("/", &[]).await.session()["n"],
+            (round + 2).to_string()
+        );
+    }
+}

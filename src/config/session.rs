@@ -7,7 +7,6 @@ use super::source::resolve;
 use super::{SessionConfig, StoreConfig, StoreKind};
 use crate::cookie::{CookieSpec, SameSite, SecureMode};
 use crate::model::{valid_key, KeyPolicies, Limits, Policy, Settings};
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -142,7 +141,7 @@ pub(super) fn build_session(
             );
         }
     }
-    let mut declared = HashMap::new();
+    let mut declared = rustc_hash::FxHashMap::default();
     for (k, p) in &raw.keys {
         let field = format!("session.keys.{k}");
         if !valid_key(k) {

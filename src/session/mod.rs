@@ -10,7 +10,7 @@
 mod read;
 mod write;
 
-pub use read::{Forward, RequestInfo, StoreRead};
+pub use read::{Forward, RequestInfo, StoreRead, UpstreamHeader};
 pub use write::{CookieChange, Outcome, WriteContext};
 
 use crate::model::{channel_order, Channel, Flags, Meta, Payload, Rejection, Settings};
@@ -156,7 +156,7 @@ fn test_settings(
     use crate::model::{KeyPolicies, Limits, Policy};
     Settings {
         policies: KeyPolicies {
-            declared,
+            declared: declared.into_iter().collect(),
             undeclared: Some(Policy::SERVER),
             fallback: Policy::SERVER,
         },

@@ -40,6 +40,9 @@ pub struct Forward {
     pub mapped: Vec<(String, String)>,
 }
 
+/// One header for the upstream: name and value, static where they can be.
+pub type UpstreamHeader = (Cow<'static, str>, Cow<'static, str>);
+
 /// `%`, control bytes and (via `utf8_percent_encode`) every byte >= 0x80.
 const HEADER_VALUE: &AsciiSet = &CONTROLS.add(b'%');
 
@@ -346,36 +349,45 @@ impl Session {
         https: bool,
         client_ip: Option<std::net::IpAddr>,
         prior_xff: &[String],
-    ) -> Vec<(Cow<'static, str>, String)> {
-        let mut h: Vec<(Cow<'static, str>, String)> = Vec::with_capacity(8 + forward.mapped.len());
+    ) -> Vec<UpstreamHeader> {
+        // Static names and values where they fit: this runs on every
+        // request, and each `String` here was an allocation.
+        let mut h: Vec<UpstreamHeader> = Vec::with_capacity(8 + forward.mapped.len());
         let proto = if https { "https" } else { "http" };
-        h.push(("x-forwarded-proto".into(), proto.to_string()));
+        h.push(("x-forwarded-proto".into(), proto.into()));
         let mut xff = prior_xff.join(", ");
         if let Some(ip) = client_ip {
             if !xff.is_empty() {
                 xff.push_str(", ");
             }
-            xff.push_str(&ip.to_string());
+            crate::headers::push_ip(&mut xff, ip);
         }
         if !xff.is_empty() {
-            h.push(("x-forwarded-for".into(), xff));
+            h.push(("x-forwarded-for".into(), xff.into()));
         }
         if let Some(m) = self.meta {
-            h.push(("x-session-id".into(), m.id.hex()));
-            h.push(("x-session-created".into(), (m.created / 1000).to_string()));
-            h.push(("x-session-expires".into(), (m.expires / 1000).to_string()));
+            let mut n = itoa::Buffer::new();
+            h.push(("x-session-id".into(), m.id.hex().into()));
+            h.push((
+                "x-session-created".into(),
+                n.format(m.created / 1000).to_string().into(),
+            ));
+            h.push((
+                "x-session-expires".into(),
+                n.format(m.expires / 1000).to_string().into(),
+            ));
         }
         if https {
-            h.push(("x-session-secure".into(), "1".to_string()));
+            h.push(("x-session-secure".into(), "1".into()));
         }
         if self.degraded {
-            h.push(("x-session-degraded".into(), "1".to_string()));
+            h.push(("x-session-degraded".into(), "1".into()));
         }
         if let Some(x) = forward.x_session {
-            h.push(("x-session".into(), x));
+            h.push(("x-session".into(), x.into()));
         }
         for (name, value) in forward.mapped {
-            h.push((name.into(), value));
+            h.push((name.into(), value.into()));
         }
         h
     }
@@ -657,7 +669,7 @@ mod tests {
         };
         let ip = Some("10.0.0.9".parse().unwrap());
         let h = s.upstream_headers(fwd, true, ip, &["1.2.3.4".to_string()]);
-        let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_str());
+        let get = |n: &str| h.iter().find(|(k, _)| k == n).map(|(_, v)| v.as_ref());
         assert_eq!(get("x-forwarded-proto"), Some("https"));
         assert_eq!(get("x-forwarded-for"), Some("1.2.3.4, 10.0.0.9"));
         assert_eq!(

@@ -261,6 +261,22 @@ macro_rules! with_conn {
     };
 }
 
+/// Run an `EVALSHA` of [`SCRIPT`]; when the server does not have the script
+/// (a restart, a failover, `SCRIPT FLUSH`), load it and run once more:
+/// what `ScriptInvocation::invoke_async` does.
+async fn eval_script<C: redis::aio::ConnectionLike>(
+    c: &mut C,
+    evalsha: &redis::Cmd,
+) -> redis::RedisResult<Vec<String>> {
+    match evalsha.query_async(c).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            SCRIPT.load_async(c).await?;
+            evalsha.query_async(c).await
+        }
+        r => r,
+    }
+}
+
 pub struct RedisStore {
     cfg: RedisOptions,
     timeout: Duration,
@@ -315,8 +331,25 @@ impl RedisStore {
             .cloned()
     }
 
+    /// `PREFIX{tag}:` (the cluster hash slot is the tag's): built by hand,
+    /// since several keys are built per request and `format!` costs about
+    /// 1,500 instructions each.
+    fn slot_prefix(&self, tag: u32, extra: usize) -> String {
+        let mut k = String::with_capacity(self.cfg.prefix.len() + 11 + extra);
+        k.push_str(&self.cfg.prefix);
+        k.push('{');
+        crate::model::push_hex8(&mut k, tag);
+        k.push_str("}:");
+        k
+    }
+
+    /// `PREFIX{tag}:ID:suffix`.
     fn key(&self, tag: u32, id: &SessionId, suffix: &str) -> String {
-        format!("{}{{{tag:08x}}}:{}:{suffix}", self.cfg.prefix, id.hex())
+        let mut k = self.slot_prefix(tag, 33 + suffix.len());
+        id.push_hex(&mut k);
+        k.push(':');
+        k.push_str(suffix);
+        k
     }
 
     fn channel_keys(&self, tag: u32, id: &SessionId) -> [String; 4] {
@@ -361,37 +394,44 @@ impl RedisStore {
             .or(b.destroy.map(|d| d.id))
             .unwrap_or(b.key.id);
         debug_assert!(b.destroy.is_none_or(|d| d.tag == b.key.tag));
-        let mut inv = SCRIPT.prepare_invoke();
+        // EVALSHA built here rather than through redis-rs's
+        // `ScriptInvocation`, which copies every key and argument a second
+        // time to build it (see [`eval_script`]).
+        let mut inv = redis::cmd("EVALSHA");
+        inv.arg(SCRIPT.get_hash())
+            .arg(2 * CHANNELS.len() + 3 + b.end.len() + users.len());
         for k in self.channel_keys(b.key.tag, &b.key.id) {
-            inv.key(k);
+            inv.arg(k);
         }
         for k in self.channel_keys(b.key.tag, &old) {
-            inv.key(k);
+            inv.arg(k);
         }
-        inv.key(format!("{}{{{:08x}}}:incr", self.cfg.prefix, b.key.tag));
-        inv.key(self.ended_key(b.key.tag, &b.source()));
+        let mut incr = self.slot_prefix(b.key.tag, 4);
+        incr.push_str("incr");
+        inv.arg(incr);
+        inv.arg(self.ended_key(b.key.tag, &b.source()));
         // The forward checked (of the carried id) and set (of a Regenerate's
         // old id, the same one then).
-        inv.key(self.moved_key(b.key.tag, &b.carried()));
+        inv.arg(self.moved_key(b.key.tag, &b.carried()));
         for (id, _) in &b.end {
-            inv.key(self.ended_key(b.key.tag, id));
+            inv.arg(self.ended_key(b.key.tag, id));
         }
         for u in users {
-            inv.key(self.user_key(user_of(u)));
+            inv.arg(self.user_key(user_of(u)));
         }
         // Inline user operations happen on a single server only.
         for a in script_args(b, users, Some(&self.cfg.prefix)) {
             inv.arg(a);
         }
         let mut reply: Result<Vec<String>, redis::RedisError> =
-            with_conn!(conn.clone(), c => inv.invoke_async(&mut c).await);
+            with_conn!(conn.clone(), c => eval_script(&mut c, &inv).await);
         if reply.as_ref().is_err_and(|e| retryable(e, true)) {
             // The script never left: once more on the fresh connection.
-            reply = with_conn!(conn.clone(), c => inv.invoke_async(&mut c).await);
+            reply = with_conn!(conn.clone(), c => eval_script(&mut c, &inv).await);
         }
         while reply.as_ref().is_err_and(loading) {
             tokio::time::sleep(LOADING_PAUSE).await;
-            reply = with_conn!(conn.clone(), c => inv.invoke_async(&mut c).await);
+            reply = with_conn!(conn.clone(), c => eval_script(&mut c, &inv).await);
         }
         let reply = reply.map_err(|e| {
             if e.is_timeout() || (e.is_connection_dropped() && !e.is_connection_refusal()) {
@@ -880,6 +920,24 @@ mod tests {
             format!("gimlet:{{00001234}}:{}:p", "ab".repeat(16))
         );
         assert!(keys.iter().all(|k| k.contains("{00001234}")));
+        // Built by hand now: the same layout `format!` wrote, every key.
+        for tag in [0, 0x1234, u32::MAX] {
+            let hex = "ab".repeat(16);
+            for (k, ch) in s.channel_keys(tag, &id).iter().zip(CHANNELS) {
+                assert_eq!(
+                    *k,
+                    format!("gimlet:{{{tag:08x}}}:{hex}:{}", ch.store_suffix())
+                );
+            }
+            assert_eq!(
+                s.ended_key(tag, &id),
+                format!("gimlet:{{{tag:08x}}}:{hex}:{ENDED_SUFFIX}")
+            );
+            assert_eq!(
+                s.moved_key(tag, &id),
+                format!("gimlet:{{{tag:08x}}}:{hex}:{MOVED_SUFFIX}")
+            );
+        }
     }
 
     #[test]
