@@ -28,6 +28,8 @@ demo: deps
 
 test: deps
 	cargo test
+	# Each Criterion bench once, as a test: a bench that panics fails here.
+	cargo test --benches
 
 bench: deps
 	bench/run

@@ -28,7 +28,7 @@ routes:
     session: { read: none, write: none }
   - name: app
     upstreams: ["127.0.0.1:1"]
-    headers: { X-Remote-User: ca }
+    session: { headers: { X-Remote-User: ca } }
 "#;
 
 /// What Chrome sends for a page load, plus a cookie.
