@@ -788,6 +788,7 @@ impl ProxyHttp for Gateway {
             .upstream_headers(forward, ctx.https, ip, &prior_xff)
         {
             let value = match value {
+                // Only `upstream_headers`' own literals are borrowed.
                 Cow::Borrowed(v) => http::HeaderValue::from_static(v),
                 Cow::Owned(v) => http::HeaderValue::try_from(v)
                     .map_err(|_| Error::explain(InternalError, "invalid upstream header value"))?,

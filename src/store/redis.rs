@@ -394,30 +394,29 @@ impl RedisStore {
             .or(b.destroy.map(|d| d.id))
             .unwrap_or(b.key.id);
         debug_assert!(b.destroy.is_none_or(|d| d.tag == b.key.tag));
+        let mut keys = Vec::with_capacity(2 * CHANNELS.len() + 3 + b.end.len() + users.len());
+        keys.extend(self.channel_keys(b.key.tag, &b.key.id));
+        keys.extend(self.channel_keys(b.key.tag, &old));
+        let mut incr = self.slot_prefix(b.key.tag, 4);
+        incr.push_str("incr");
+        keys.push(incr);
+        keys.push(self.ended_key(b.key.tag, &b.source()));
+        // The forward checked (of the carried id) and set (of a Regenerate's
+        // old id, the same one then).
+        keys.push(self.moved_key(b.key.tag, &b.carried()));
+        for (id, _) in &b.end {
+            keys.push(self.ended_key(b.key.tag, id));
+        }
+        for u in users {
+            keys.push(self.user_key(user_of(u)));
+        }
         // EVALSHA built here rather than through redis-rs's
         // `ScriptInvocation`, which copies every key and argument a second
         // time to build it (see [`eval_script`]).
         let mut inv = redis::cmd("EVALSHA");
-        inv.arg(SCRIPT.get_hash())
-            .arg(2 * CHANNELS.len() + 3 + b.end.len() + users.len());
-        for k in self.channel_keys(b.key.tag, &b.key.id) {
+        inv.arg(SCRIPT.get_hash()).arg(keys.len());
+        for k in keys {
             inv.arg(k);
-        }
-        for k in self.channel_keys(b.key.tag, &old) {
-            inv.arg(k);
-        }
-        let mut incr = self.slot_prefix(b.key.tag, 4);
-        incr.push_str("incr");
-        inv.arg(incr);
-        inv.arg(self.ended_key(b.key.tag, &b.source()));
-        // The forward checked (of the carried id) and set (of a Regenerate's
-        // old id, the same one then).
-        inv.arg(self.moved_key(b.key.tag, &b.carried()));
-        for (id, _) in &b.end {
-            inv.arg(self.ended_key(b.key.tag, id));
-        }
-        for u in users {
-            inv.arg(self.user_key(user_of(u)));
         }
         // Inline user operations happen on a single server only.
         for a in script_args(b, users, Some(&self.cfg.prefix)) {
