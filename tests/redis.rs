@@ -635,3 +635,220 @@ async fn a_flushed_write_script_is_loaded_again() {
         );
     }
 }
+
+fn totals_yaml(up: &Upstream, r: &RedisServer, extra_session: &str) -> String {
+    format!(
+        "session:\n  secrets: [\"{SECRET}\"]\n  keys: {{ tk: {{ permanent: false }} }}\n{extra_session}store: {}\nroutes:\n  - name: app\n    upstreams: [\"{a}\"]\n",
+        store_for(r, ", prefix: \"s:\""),
+        a = up.addr
+    )
+}
+
+/// The commands a write ran inside its script: everything but the
+/// `EVALSHA` itself and what the same request without the directive (the
+/// route's read) ran.
+fn script_commands(
+    write: &BTreeMap<String, u64>,
+    read: &BTreeMap<String, u64>,
+) -> BTreeMap<String, u64> {
+    let mut s = write.clone();
+    assert_eq!(s.remove("evalsha"), Some(1), "one write: {write:?}");
+    assert_eq!(read.get("evalsha"), None, "a read writes nothing: {read:?}");
+    for (c, n) in read {
+        let left = s.get(c).copied().unwrap_or(0).checked_sub(*n);
+        let left = left.unwrap_or_else(|| panic!("{c}: write {write:?} read {read:?}"));
+        s.insert(c.clone(), left);
+    }
+    s.retain(|_, n| *n > 0);
+    s
+}
+
+/// Issue 11: the write script keeps running totals, so a one-key write
+/// costs the same few commands in a 1-key and a 200-key session, under
+/// every setting that adds to it (idle timeout: the TTL moves; revocation:
+/// the ended check).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_one_key_write_costs_the_same_whatever_the_sessions_size() {
+    let many: Vec<String> = (0..200).map(|i| format!("k{i}=v{i}")).collect();
+    let many = many.join("&");
+    for (extra, at_most) in [
+        ("  regenerate_grace: 0s\n", 2),
+        ("", 3),
+        ("  idle_timeout: 30m\n", 4),
+        ("  revocation: true\n", 3),
+        ("  idle_timeout: 30m\n  revocation: true\n", 4),
+    ] {
+        let r = RedisServer::start();
+        let up = Upstream::start();
+        let g = Gateway::start(&totals_yaml(&up, &r, extra));
+        let mut small = Browser::new(&g);
+        small.get("/", &[("X-Session-Set", "user=alice")]).await;
+        let mut big = Browser::new(&g);
+        big.get("/", &[("X-Session-Set", &many)]).await;
+        big.get("/", &[("X-Session-Set", "user=alice")]).await;
+        assert_eq!(big.get("/", &[]).await.session().len(), 201, "{extra}");
+        let mut seen = Vec::new();
+        for (name, b) in [("1 key", &mut small), ("201 keys", &mut big)] {
+            let mut per = Vec::new();
+            for d in [
+                ("X-Session-Set", "user=bob"),     // replaces, other size
+                ("X-Session-Set", "new=1"),        // adds a key
+                ("X-Session-Incr", "n=5"),         // adds by Incr
+                ("X-Session-Delete", "new"),       // removes a key
+                ("X-Session-Set", "tk=transient"), // another channel
+            ] {
+                r.reset_stats();
+                b.get("/", &[]).await;
+                let read = r.commandstats();
+                r.reset_stats();
+                assert_eq!(b.get("/", &[d]).await.status, 200, "{extra}{d:?}");
+                let s = script_commands(&r.commandstats(), &read);
+                let n: u64 = s.values().sum();
+                println!("{extra:?} {name} {d:?}: {n} commands {s:?}");
+                // A Delete also runs its HDEL; a transient key also
+                // updates the totals in the p hash.
+                let bound = match d {
+                    ("X-Session-Delete", _) => at_most + 1,
+                    (_, "tk=transient") => at_most + 3,
+                    _ => at_most,
+                };
+                assert!(n <= bound, "{extra:?} {name} {d:?}: {s:?}");
+                per.push(s);
+            }
+            seen.push(per);
+        }
+        assert_eq!(seen[0], seen[1], "{extra:?}: the same for 1 and 201 keys");
+        // The limits still count the whole session.
+        let s = big.get("/", &[]).await.session();
+        assert_eq!((s["user"].as_str(), s["n"].as_str()), ("bob", "5"));
+        assert_eq!(s.get("new"), None);
+    }
+}
+
+/// The totals a session's p hash carries against a recount of its hashes,
+/// and every hash's TTL against the session's expiry.
+fn check_totals(r: &RedisServer, id: &str) {
+    let keys = r.keys(&format!("s:*:{id}:*"));
+    let hashes: Vec<&String> = keys
+        .iter()
+        .filter(|k| {
+            ["p", "t", "sp", "st"]
+                .iter()
+                .any(|c| k.ends_with(&format!(":{c}")))
+        })
+        .collect();
+    let mut want = [0u64; 8];
+    let mut ttls = Vec::new();
+    for h in &hashes {
+        let c = ["p", "t", "sp", "st"]
+            .iter()
+            .position(|c| h.ends_with(&format!(":{c}")))
+            .unwrap();
+        let fields: Vec<String> = r
+            .cli(&["HKEYS", h])
+            .lines()
+            .filter(|l| !l.is_empty() && *l != "#")
+            .map(String::from)
+            .collect();
+        for f in &fields {
+            let len: u64 = r.cli(&["HSTRLEN", h, f]).trim().parse().unwrap();
+            want[2 * c] += 1;
+            want[2 * c + 1] += f.len() as u64 + len;
+        }
+        assert!(!fields.is_empty() || c == 0, "an empty hash {h}");
+        ttls.push(r.cli(&["PEXPIRETIME", h]).trim().parse::<i64>().unwrap());
+    }
+    if hashes.is_empty() {
+        return;
+    }
+    let p = hashes
+        .iter()
+        .find(|h| h.ends_with(":p"))
+        .expect("the p hash holds the totals");
+    let tot = r.cli(&["HGET", p, "#"]);
+    let got: Vec<u64> = tot.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    assert_eq!(got.len(), 9, "{tot}");
+    assert_eq!(got[1..], want[..], "totals of {id}");
+    assert!(want.iter().step_by(2).sum::<u64>() > 0, "totals of nothing");
+    for t in ttls {
+        assert_eq!(t as u64, got[0], "a hash's TTL is the session's expiry");
+    }
+}
+
+/// Issue 11: whatever sequence of directives a session sees, its running
+/// totals equal a recount and each hash expires with the session: Set,
+/// Delete, Incr, a cleared transient channel (browser closed), Regenerate,
+/// a sliding expiry, and the last key deleted.
+#[tokio::test(flavor = "multi_thread")]
+async fn running_totals_match_a_recount_after_every_write() {
+    let r = RedisServer::start();
+    let up = Upstream::start();
+    let g = Gateway::start(&totals_yaml(&up, &r, "  idle_timeout: 30m\n"));
+    let mut b = Browser::new(&g);
+    let mut rng = 0x2545_f491_4f6c_dd1du64;
+    let mut next = |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let names = ["a", "b", "c", "tk"];
+    for step in 0..120 {
+        let k = names[next(names.len() as u64) as usize];
+        let v = "x".repeat(next(40) as usize);
+        let d = match next(10) {
+            0..=3 => ("X-Session-Set", format!("{k}={v}")),
+            4 => ("X-Session-Delete", k.to_string()),
+            5 => ("X-Session-Delete", "n".to_string()),
+            6..=7 => ("X-Session-Incr", format!("n={}", next(1000))),
+            8 => ("X-Session-Regenerate", "1".to_string()),
+            _ => {
+                // The browser closes: its transient cookie is gone, and the
+                // next transient write starts that channel afresh.
+                b.jar.cookies.remove("gimlet-t");
+                ("X-Session-Set", format!("tk={v}"))
+            }
+        };
+        let resp = b.get("/", &[(d.0, d.1.as_str())]).await;
+        assert_eq!(resp.status, 200, "step {step} {d:?}: {}", resp.body);
+        if let Some(id) = b.get("/", &[]).await.got_header("x-session-id") {
+            check_totals(&r, &id);
+        }
+    }
+    // Every key deleted: no hash is left, not even the totals.
+    let id = b.get("/", &[]).await.got_header("x-session-id").unwrap();
+    b.get("/", &[("X-Session-Delete", "a,b,c,tk,n")]).await;
+    assert!(b.get("/", &[]).await.session().is_empty());
+    let left: Vec<String> = r
+        .keys(&format!("s:*:{id}:*"))
+        .into_iter()
+        .filter(|k| !k.ends_with(":f"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A session written before the totals existed (no `#` field) is counted
+/// at its next write, exactly, and keeps totals from then on.
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_without_totals_are_counted_at_their_next_write() {
+    let r = RedisServer::start();
+    let up = Upstream::start();
+    let g = Gateway::start(&totals_yaml(&up, &r, "  limits: { keys: 4 }\n"));
+    let mut b = Browser::new(&g);
+    b.get("/", &[("X-Session-Set", "a=1&b=2&tk=3")]).await;
+    let id = b.get("/", &[]).await.got_header("x-session-id").unwrap();
+    let p = r.keys(&format!("s:*:{id}:p")).pop().unwrap();
+    assert_eq!(r.cli(&["HDEL", &p, "#"]).trim(), "1");
+    // 3 keys + 2 > 4: refused, so the 3 were counted.
+    let resp = b.get("/", &[("X-Session-Set", "c=1&d=2")]).await;
+    assert_eq!(resp.status, 502);
+    assert!(resp.body.contains("too_many_keys"), "{}", resp.body);
+    assert_eq!(
+        r.cli(&["HEXISTS", &p, "#"]).trim(),
+        "0",
+        "refused: untouched"
+    );
+    assert_eq!(b.get("/", &[("X-Session-Set", "c=1")]).await.status, 200);
+    check_totals(&r, &id);
+    assert_eq!(b.get("/", &[]).await.session().len(), 4);
+}

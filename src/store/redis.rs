@@ -9,6 +9,15 @@
 //! `<prefix>{<tag>}:<id>:x` expiring with the session's absolute expiry; a
 //! read checks it with `EXISTS` in the same pipeline.
 //!
+//! The p hash also holds the session's running totals in a field `#` (not a
+//! valid key name; reads drop it): the expiry every hash of the session
+//! carries, and each channel's key count and bytes. The write script keeps
+//! them, so it checks the session limits without listing the session: a
+//! write costs the keys it touches (a one-key Set on an existing session is
+//! an `HMGET` and an `HSET`, whether the session holds 1 key or 200).
+//! Sessions written before the totals existed are counted once, at their
+//! next write.
+//!
 //! I/O budget: a read is one round trip (pipelined `HGETALL`, one per channel
 //! the request needs). A write is one `EVALSHA` of [`WRITE_SCRIPT`]: it checks
 //! every Incr and the session limits first and only then applies the deletes,
@@ -23,7 +32,7 @@ use super::{
     Check, Inspected, Read, Refusal, SessionStore, StoreError, StoreKey, UserSession, UserWrite,
     WriteBatch, Written,
 };
-use crate::model::{ChannelSet, SessionId, CHANNELS};
+use crate::model::{Channel, ChannelSet, SessionId, CHANNELS};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use std::collections::BTreeMap;
@@ -43,8 +52,9 @@ pub struct RedisOptions {
 
 /// The atomic write. See the module docs; the argument layout is built by
 /// [`script_args`].
-pub const WRITE_SCRIPT: &str = r#"
--- KEYS[1..4]: the session's channel hashes; KEYS[5..8]: the old id's
+pub const WRITE_SCRIPT: &str = r##"
+-- KEYS[1..4]: the session's channel hashes (KEYS[1], p, also holds the
+-- totals, see step 0); KEYS[5..8]: the old id's
 -- (Regenerate source or Destroy target); KEYS[9]: scratch for exact Incr;
 -- KEYS[10]: the ended mark of the id the write continues; KEYS[11]: the
 -- regenerate-grace forward of the id the request carried; KEYS[12..]: ended
@@ -59,11 +69,17 @@ pub const WRITE_SCRIPT: &str = r#"
 -- operations (JSON, see USER_LUA) on the keys after the ended marks.
 local destroy = string.find(ARGV[1], "d", 1, true) ~= nil
 local rename = string.find(ARGV[1], "r", 1, true) ~= nil
-if string.find(ARGV[1], "m", 1, true) ~= nil then
+local check_moved = string.find(ARGV[1], "m", 1, true) ~= nil
+local check_ended = string.find(ARGV[1], "e", 1, true) ~= nil
+if check_moved and check_ended then
+  -- Both marks are strings: one MGET answers both.
+  local v = redis.call("MGET", KEYS[10], KEYS[11])
+  if v[2] then return { "moved", v[2] } end
+  if v[1] then return { "ended" } end
+elseif check_moved then
   local to = redis.call("GET", KEYS[11])
   if to then return { "moved", to } end
-end
-if string.find(ARGV[1], "e", 1, true) ~= nil and redis.call("EXISTS", KEYS[10]) == 1 then
+elseif check_ended and redis.call("EXISTS", KEYS[10]) == 1 then
   return { "ended" }
 end
 local at = ARGV[2]
@@ -97,6 +113,66 @@ local function src(c)
   return KEYS[c]
 end
 
+-- 0. The session as it is, as far as this write touches it: one HMGET per
+-- channel it changes, for the current value of every key it names, and on
+-- the p hash also the running totals (field "#", never a session key:
+-- "AT K1 B1 K2 B2 K3 B3 K4 B4", the expiry every hash of the session
+-- carries and each channel's key count and bytes). So a write costs the
+-- keys it touches, whatever the session's size.
+local TOTALS = "#"
+local own_destroyed = destroy and KEYS[5] == KEYS[1]
+local old = { {}, {}, {}, {} }
+local n_keys = { 0, 0, 0, 0 }
+local n_bytes = { 0, 0, 0, 0 }
+local existed = { false, false, false, false }
+local tot = false
+local was_at = nil
+if not own_destroyed then
+  for c = 1, 4 do
+    local op = ops[c]
+    local names = {}
+    if not op.clear then
+      for _, k in ipairs(op.del) do names[#names + 1] = k end
+      for _, kv in ipairs(op.set) do names[#names + 1] = kv[1] end
+      for _, kn in ipairs(op.incr) do names[#names + 1] = kn[1] end
+    end
+    if c == 1 then names[#names + 1] = TOTALS end
+    if #names > 0 then
+      local vals = redis.call("HMGET", src(c), unpack(names))
+      for i = 1, #names do old[c][names[i]] = vals[i] end
+    end
+  end
+  tot = old[1][TOTALS]
+  local t = {}
+  if tot then
+    for x in string.gmatch(tot, "%d+") do t[#t + 1] = tonumber(x) end
+  end
+  if #t == 9 then
+    was_at = t[1]
+    for c = 1, 4 do
+      n_keys[c] = t[2 * c]
+      n_bytes[c] = t[2 * c + 1]
+      existed[c] = n_keys[c] > 0
+    end
+    existed[1] = true
+  else
+    tot = false
+    if redis.call("EXISTS", src(1), src(2), src(3), src(4)) > 0 then
+      -- Written before the totals were kept: counted once, kept from now on.
+      for c = 1, 4 do
+        -- HKEYS and HVALS list an unchanged hash in the same order.
+        local names = redis.call("HKEYS", src(c))
+        local vals = redis.call("HVALS", src(c))
+        n_keys[c] = #names
+        for i = 1, #names do
+          n_bytes[c] = n_bytes[c] + string.len(names[i]) + string.len(vals[i])
+        end
+        existed[c] = #names > 0
+      end
+    end
+  end
+end
+
 -- 1. Every Incr, computed exactly (64-bit, by Redis itself) before any write.
 for c = 1, 4 do
   local op = ops[c]
@@ -109,7 +185,7 @@ for c = 1, 4 do
       local k = kn[1]
       local cur = op.result[k] or pending[k]
       if cur == nil and not op.clear and not deleted[k] then
-        cur = redis.call("HGET", src(c), k)
+        cur = old[c][k]
         if cur == false then cur = nil end
       end
       cur = cur or "0"
@@ -133,44 +209,69 @@ for c = 1, 4 do
   end
 end
 
--- 2. The session limits over the result.
+-- 2. The totals after this write (each touched key's old size out, its
+-- new size in, in the order step 3 applies them), and the limits over them.
+for c = 1, 4 do
+  local op = ops[c]
+  if op.clear then n_keys[c] = 0; n_bytes[c] = 0 end
+  local final = {}
+  for _, k in ipairs(op.del) do final[k] = false end
+  for _, kv in ipairs(op.set) do final[kv[1]] = kv[2] end
+  for k, v in pairs(op.result) do final[k] = v end
+  for k, v in pairs(final) do
+    local was = not op.clear and old[c][k]
+    if was then
+      n_keys[c] = n_keys[c] - 1
+      n_bytes[c] = n_bytes[c] - string.len(k) - string.len(was)
+    end
+    if v then
+      n_keys[c] = n_keys[c] + 1
+      n_bytes[c] = n_bytes[c] + string.len(k) + string.len(v)
+    end
+  end
+end
 if max_keys >= 0 then
   local keys = tonumber(ARGV[5])
   local bytes = tonumber(ARGV[6])
   for c = 1, 4 do
-    local op = ops[c]
-    local fields = {}
-    if not op.clear then
-      -- HKEYS and HVALS list an unchanged hash in the same order.
-      local names = redis.call("HKEYS", src(c))
-      local vals = redis.call("HVALS", src(c))
-      for i = 1, #names do fields[names[i]] = string.len(vals[i]) end
-    end
-    for _, k in ipairs(op.del) do fields[k] = nil end
-    for _, kv in ipairs(op.set) do fields[kv[1]] = string.len(kv[2]) end
-    for k, v in pairs(op.result) do fields[k] = string.len(v) end
-    for f, l in pairs(fields) do
-      keys = keys + 1
-      bytes = bytes + string.len(f) + l
-    end
+    keys = keys + n_keys[c]
+    bytes = bytes + n_bytes[c]
   end
   if keys > max_keys then return { "too_many_keys", tostring(keys) } end
   if bytes > max_bytes then return { "session_too_large", tostring(bytes) } end
 end
 
--- 3. Apply.
+-- 3. Apply. A hash's TTL is set when it is new or the session's expiry
+-- moved: every hash of the session carries the expiry in the totals.
 if destroy then redis.call("DEL", KEYS[5], KEYS[6], KEYS[7], KEYS[8]) end
+local total = n_keys[1] + n_keys[2] + n_keys[3] + n_keys[4]
+local moved_at = was_at ~= tonumber(at)
 for c = 1, 4 do
   local op = ops[c]
   local k = KEYS[c]
-  if rename and redis.call("EXISTS", KEYS[4 + c]) == 1 then redis.call("RENAME", KEYS[4 + c], k) end
-  if op.clear then redis.call("DEL", k) end
-  if #op.del > 0 then redis.call("HDEL", k, unpack(op.del)) end
+  local here = existed[c]
+  if rename and redis.call("EXISTS", KEYS[4 + c]) == 1 then
+    redis.call("RENAME", KEYS[4 + c], k)
+    here = true
+  end
+  if here and (op.clear or (c == 1 and total == 0)) then
+    -- A session left with no key leaves no hash, not even its totals.
+    redis.call("DEL", k)
+    here = false
+  end
+  if here and #op.del > 0 then redis.call("HDEL", k, unpack(op.del)) end
   local args = {}
   for _, kv in ipairs(op.set) do args[#args + 1] = kv[1]; args[#args + 1] = kv[2] end
   for f, v in pairs(op.result) do args[#args + 1] = f; args[#args + 1] = v end
+  local holds = n_keys[c] > 0
+  if c == 1 and total > 0 then
+    holds = true
+    local t = string.format("%.0f %d %d %d %d %d %d %d %d", tonumber(at), n_keys[1], n_bytes[1],
+      n_keys[2], n_bytes[2], n_keys[3], n_bytes[3], n_keys[4], n_bytes[4])
+    if not here or t ~= tot then args[#args + 1] = TOTALS; args[#args + 1] = t end
+  end
   if #args > 0 then redis.call("HSET", k, unpack(args)) end
-  redis.call("PEXPIREAT", k, at)
+  if holds and (moved_at or not here) then redis.call("PEXPIREAT", k, at) end
 end
 for i = 1, #ends do redis.call("SET", KEYS[11 + i], "1", "PXAT", ends[i]) end
 if forward ~= "" then redis.call("SET", KEYS[11], forward, "PXAT", forward_until) end
@@ -179,7 +280,11 @@ for i = 1, #user_ops do
   for _, e in ipairs(user_op(KEYS[11 + #ends + i], user_ops[i], now)) do reply[#reply + 1] = e end
 end
 return reply
-"#;
+"##;
+
+/// The field of the p hash that holds the session's running totals (see
+/// step 0 of [`WRITE_SCRIPT`]); never a session key (`^[A-Za-z0-9_.-]+$`).
+pub const TOTALS_FIELD: &str = "#";
 
 /// The suffix of an ended id's mark.
 const ENDED_SUFFIX: &str = "x";
@@ -704,7 +809,10 @@ impl SessionStore for RedisStore {
             out.moved = redis::from_redis_value::<Option<String>>(v).map_err(parsing)?;
         }
         for (ch, v) in read.into_iter().zip(replies) {
-            let m: BTreeMap<String, String> = redis::from_redis_value(v).map_err(parsing)?;
+            let mut m: BTreeMap<String, String> = redis::from_redis_value(v).map_err(parsing)?;
+            if ch == Channel::Perm {
+                m.remove(TOTALS_FIELD);
+            }
             out.channels[ch.index()] = Some(m);
         }
         Ok(out)
@@ -869,8 +977,9 @@ impl SessionStore for RedisStore {
             ..Default::default()
         };
         for ch in CHANNELS {
-            let names: Vec<String> =
+            let mut names: Vec<String> =
                 redis::from_redis_value(it.next().unwrap_or(redis::Value::Nil)).map_err(parsing)?;
+            names.retain(|n| n != TOTALS_FIELD);
             let at: i64 =
                 redis::from_redis_value(it.next().unwrap_or(redis::Value::Nil)).map_err(parsing)?;
             if !names.is_empty() {
