@@ -66,6 +66,13 @@ impl Config {
                 "url": o.url.as_deref().map(url),
                 "cluster": o.cluster.iter().map(|u| url(u)).collect::<Vec<_>>(),
                 "prefix": o.prefix,
+                "username": o.username,
+                "password": o.password.as_ref().map(|_| REDACTED),
+                "tls": o.tls.as_ref().map(|t| json!({
+                    "ca": if t.ca.is_some() { "given" } else { "system roots" },
+                    "client_certificate": t.client.is_some(),
+                    "insecure_skip_verify": t.insecure_skip_verify,
+                })),
             }),
         };
         let mut store = store;

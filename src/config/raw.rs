@@ -178,6 +178,21 @@ pub(super) struct RawTls {
 
 #[derive(schemars::JsonSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct RawRedisTls {
+    /// PEM file of the CA that signed the server's certificate (default:
+    /// the system's roots).
+    pub(super) ca: Option<Str>,
+    /// PEM client certificate (with `key`) for servers that ask for one
+    /// (`tls-auth-clients`).
+    pub(super) cert: Option<Str>,
+    pub(super) key: Option<Str>,
+    /// Accept any server certificate. Testing only: anyone on the path can
+    /// read and change every session.
+    pub(super) insecure_skip_verify: Option<bool>,
+}
+
+#[derive(schemars::JsonSchema, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct RawAdmin {
     pub(super) addr: Str,
     /// Turns on the session admin API (`${ENV}` / `file:` like secrets).
@@ -259,6 +274,13 @@ pub(super) struct RawStore {
     pub(super) url: Option<Str>,
     pub(super) cluster: Option<Vec<Str>>,
     pub(super) prefix: Option<Str>,
+    /// Redis ACL user (`${ENV}` / `file:` like secrets).
+    pub(super) username: Option<Str>,
+    /// Redis password (`requirepass`, or the ACL user's; `${ENV}` /
+    /// `file:` like secrets).
+    pub(super) password: Option<Str>,
+    /// TLS to Redis (`rediss://` URLs): a private CA, a client certificate.
+    pub(super) tls: Option<RawRedisTls>,
     pub(super) cache: Option<usize>,
     pub(super) timeout: Option<Str>,
     pub(super) on_error: Option<Str>,

@@ -3,11 +3,12 @@
 use super::defaults;
 use super::errors::Errors;
 use super::raw::*;
+use super::session::read_secret;
 use super::source::resolve;
 use super::{StoreConfig, StoreKind};
 use crate::model::OnError;
 use crate::store::embedded::EmbeddedOptions;
-use crate::store::redis::RedisOptions;
+use crate::store::redis::{RedisOptions, RedisTls};
 use std::path::Path;
 
 pub(super) fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreConfig {
@@ -32,6 +33,9 @@ pub(super) fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreC
         only(e, "url", raw.url.is_some(), "redis");
         only(e, "cluster", raw.cluster.is_some(), "redis");
         only(e, "prefix", raw.prefix.is_some(), "redis");
+        only(e, "username", raw.username.is_some(), "redis");
+        only(e, "password", raw.password.is_some(), "redis");
+        only(e, "tls", raw.tls.is_some(), "redis");
     }
     let kind = match kind_name {
         "none" => StoreKind::None,
@@ -88,10 +92,32 @@ pub(super) fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreC
                     "must not contain `{` or `}` (the gateway adds its own hash tags)",
                 );
             }
+            let username = raw
+                .username
+                .as_ref()
+                .and_then(|u| read_secret(e, "store.username", u, base));
+            let password = raw
+                .password
+                .as_ref()
+                .and_then(|p| read_secret(e, "store.password", p, base));
+            let tls = raw.tls.as_ref().map(|t| redis_tls(t, base, e));
+            let plain = url
+                .iter()
+                .chain(cluster.iter())
+                .any(|u| u.starts_with("redis://"));
+            if tls.is_some() && plain {
+                e.add(
+                    "store.tls",
+                    "needs rediss:// URLs (a redis:// URL would connect without TLS)",
+                );
+            }
             StoreKind::Redis(RedisOptions {
                 url,
                 cluster,
                 prefix,
+                username,
+                password,
+                tls,
             })
         }
     };
@@ -104,5 +130,44 @@ pub(super) fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreC
         kind,
         timeout,
         on_error,
+    }
+}
+
+/// `store.tls`: the PEM files are read now, so a missing or unreadable one
+/// is a startup (or reload) error naming its field.
+fn redis_tls(t: &RawRedisTls, base: &Path, e: &mut Errors) -> RedisTls {
+    let mut pem = |field: &str, raw: &Option<Str>| -> Option<Vec<u8>> {
+        let f = resolve(base, &e.opt_text(field, raw)?);
+        match std::fs::read(&f) {
+            Ok(b) if b.windows(11).any(|w| w == b"-----BEGIN ") => Some(b),
+            Ok(_) => {
+                e.add(field, format!("{} is not a PEM file", f.display()));
+                None
+            }
+            Err(err) => {
+                e.add(field, format!("cannot read {}: {err}", f.display()));
+                None
+            }
+        }
+    };
+    let ca = pem("store.tls.ca", &t.ca);
+    let cert = pem("store.tls.cert", &t.cert);
+    let key = pem("store.tls.key", &t.key);
+    let client = match (cert, key, t.cert.is_some(), t.key.is_some()) {
+        (Some(c), Some(k), _, _) => Some((c, k)),
+        (_, _, true, false) => {
+            e.add("store.tls.key", "is needed with store.tls.cert");
+            None
+        }
+        (_, _, false, true) => {
+            e.add("store.tls.cert", "is needed with store.tls.key");
+            None
+        }
+        _ => None,
+    };
+    RedisTls {
+        ca,
+        client,
+        insecure_skip_verify: t.insecure_skip_verify.unwrap_or(false),
     }
 }

@@ -41,13 +41,131 @@ use std::time::Duration;
 use tokio::sync::OnceCell;
 
 /// What `store.kind: redis` says (the config layer builds it).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct RedisOptions {
     /// `redis://` or `rediss://` URL (standalone).
     pub url: Option<String>,
     /// Node URLs (Redis Cluster).
     pub cluster: Vec<String>,
     pub prefix: String,
+    /// ACL user and password (`store.username` / `store.password`); they
+    /// override what a URL says.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// `store.tls` (`rediss://` URLs only).
+    pub tls: Option<RedisTls>,
+}
+
+/// `store.tls`, its PEM files read.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct RedisTls {
+    /// The CA to verify the server with, instead of the system's roots.
+    pub ca: Option<Vec<u8>>,
+    /// Client certificate and key (PEM).
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+    pub insecure_skip_verify: bool,
+}
+
+/// Never the password, a URL's userinfo or a key.
+impl std::fmt::Debug for RedisOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisOptions")
+            .field("url", &self.url.as_ref().map(|u| without_userinfo(u)))
+            .field(
+                "cluster",
+                &self
+                    .cluster
+                    .iter()
+                    .map(|u| without_userinfo(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("prefix", &self.prefix)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field(
+                "tls",
+                &self
+                    .tls
+                    .as_ref()
+                    .map(|t| (t.ca.is_some(), t.client.is_some(), t.insecure_skip_verify)),
+            )
+            .finish()
+    }
+}
+
+fn without_userinfo(u: &str) -> String {
+    match (u.find("://"), u.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}<redacted>{}", &u[..s + 3], &u[at..]),
+        _ => u.to_string(),
+    }
+}
+
+impl RedisOptions {
+    /// One node's connection info: the URL with `username`/`password`
+    /// applied (`insecure_skip_verify`: the `#insecure` TLS mode).
+    fn connection_info(&self, url: &str) -> redis::RedisResult<redis::ConnectionInfo> {
+        use redis::IntoConnectionInfo;
+        let insecure = self.tls.as_ref().is_some_and(|t| t.insecure_skip_verify);
+        let info = if insecure && !url.contains('#') {
+            format!("{url}#insecure").into_connection_info()?
+        } else {
+            url.into_connection_info()?
+        };
+        let mut settings = info.redis_settings().clone();
+        if let Some(u) = &self.username {
+            settings = settings.set_username(u);
+        }
+        if let Some(p) = &self.password {
+            settings = settings.set_password(p);
+        }
+        Ok(info.set_redis_settings(settings))
+    }
+
+    /// The PEM files of `store.tls`, as redis-rs takes them.
+    fn certificates(&self) -> Option<redis::TlsCertificates> {
+        let t = self.tls.as_ref()?;
+        Some(redis::TlsCertificates {
+            client_tls: t.client.as_ref().map(|(c, k)| redis::ClientTlsConfig {
+                client_cert: c.clone(),
+                client_key: k.clone(),
+            }),
+            root_cert: t.ca.clone(),
+        })
+    }
+
+    /// A client for one standalone server.
+    fn client(&self, url: &str) -> redis::RedisResult<redis::Client> {
+        let info = self.connection_info(url)?;
+        match self.certificates() {
+            Some(certs) => redis::Client::build_with_tls(info, certs),
+            None => redis::Client::open(info),
+        }
+    }
+
+    /// A client for the Cluster.
+    fn cluster_builder(&self) -> redis::RedisResult<redis::cluster::ClusterClientBuilder> {
+        let nodes = self
+            .cluster
+            .iter()
+            .map(|u| self.connection_info(u))
+            .collect::<redis::RedisResult<Vec<_>>>()?;
+        let mut b = redis::cluster::ClusterClient::builder(nodes);
+        if let Some(u) = &self.username {
+            b = b.username(u);
+        }
+        if let Some(p) = &self.password {
+            b = b.password(p);
+        }
+        if let Some(t) = &self.tls {
+            if t.insecure_skip_verify {
+                b = b.tls(redis::TlsMode::Insecure);
+            }
+        }
+        if let Some(certs) = self.certificates() {
+            b = b.certs(certs);
+        }
+        Ok(b)
+    }
 }
 
 /// The atomic write. See the module docs; the argument layout is built by
@@ -391,9 +509,19 @@ pub struct RedisStore {
 impl RedisStore {
     /// Validate the URLs now; connect on first use (inside a runtime).
     pub fn new(cfg: RedisOptions, timeout: Duration) -> Result<RedisStore, String> {
-        for u in cfg.url.iter().chain(cfg.cluster.iter()) {
-            redis::Client::open(u.as_str())
-                .map_err(|e| format!("store: invalid Redis URL: {e}"))?;
+        if cfg.tls.as_ref().is_some_and(|t| t.insecure_skip_verify) {
+            tracing::warn!(
+                "store.tls.insecure_skip_verify is on: the Redis server's certificate is not \
+                 checked, so anyone on the path can read and change every session"
+            );
+        }
+        if let Some(u) = &cfg.url {
+            cfg.client(u)
+                .map_err(|e| format!("store: invalid Redis URL or TLS files: {e}"))?;
+        } else {
+            cfg.cluster_builder()
+                .and_then(|b| b.build())
+                .map_err(|e| format!("store: invalid Redis URL or TLS files: {e}"))?;
         }
         Ok(RedisStore {
             cfg,
@@ -406,7 +534,7 @@ impl RedisStore {
         self.conn
             .get_or_try_init(|| async {
                 if let Some(url) = &self.cfg.url {
-                    let client = redis::Client::open(url.as_str()).map_err(unavailable)?;
+                    let client = self.cfg.client(url).map_err(unavailable)?;
                     let config = ConnectionManagerConfig::new()
                         .set_connection_timeout(Some(self.timeout))
                         .set_response_timeout(Some(self.timeout))
@@ -417,7 +545,10 @@ impl RedisStore {
                         .map(Conn::Single)
                         .map_err(unavailable)
                 } else {
-                    let client = redis::cluster::ClusterClient::builder(self.cfg.cluster.clone())
+                    let client = self
+                        .cfg
+                        .cluster_builder()
+                        .map_err(unavailable)?
                         .connection_timeout(self.timeout)
                         .response_timeout(self.timeout)
                         .retries(3)
@@ -1017,6 +1148,7 @@ mod tests {
                 url: Some("redis://127.0.0.1:1".into()),
                 cluster: vec![],
                 prefix: "gimlet:".into(),
+                ..Default::default()
             },
             Duration::from_millis(100),
         )
