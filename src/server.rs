@@ -57,9 +57,9 @@ pub fn open_store(config: &Config) -> Result<Option<Store>, StartError> {
             EmbeddedStore::open(&o.path, o.cache)
                 .map_err(|e| StartError::Store(format!("store.path: {e}")))?,
         )),
-        StoreKind::Redis(r) => Some(Store::Redis(
-            RedisStore::new(r.clone(), config.store.timeout).map_err(StartError::Store)?,
-        )),
+        StoreKind::Redis(r) => Some(Store::Redis(Box::new(
+            RedisStore::new((**r).clone(), config.store.timeout).map_err(StartError::Store)?,
+        ))),
     })
 }
 

@@ -278,11 +278,12 @@ async fn a_wrong_ca_certificate_or_password_is_refused_and_said() {
     assert!(r.plain.keys("gimlet:*").is_empty());
 }
 
-/// Config errors name the field: TLS options with a plain URL, a client
+/// Config errors name the field: Sentinel with a URL or without nodes, TLS
+/// options with a plain URL, a client
 /// certificate without its key, an unreadable CA file, a file that is not
 /// PEM, and the options under another store kind.
 #[test]
-fn redis_tls_config_errors_name_the_field() {
+fn redis_store_config_errors_name_the_field() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("notpem.txt"), "hello").unwrap();
     let store = |s: &str| {
@@ -308,6 +309,18 @@ fn redis_tls_config_errors_name_the_field() {
         (
             "{ kind: redis, url: \"rediss://h:1\", password: \"file:nope\" }",
             "store.password: cannot read secret file",
+        ),
+        (
+            "{ kind: redis, url: \"redis://h:1\", sentinel: { master: m, nodes: [\"redis://h:26379\"] } }",
+            "store.sentinel: give `sentinel` without `url` or `cluster`",
+        ),
+        (
+            "{ kind: redis, sentinel: { master: m, nodes: [] } }",
+            "store.sentinel.nodes: must list at least one sentinel",
+        ),
+        (
+            "{ kind: redis, sentinel: { master: m, nodes: [\"http://h:26379\"] } }",
+            "store.sentinel.nodes[0]: expected a redis:// or rediss:// URL",
         ),
         (
             "{ kind: memory, password: x }",

@@ -134,7 +134,7 @@ pub enum StoreKind {
     None,
     Memory,
     Embedded(EmbeddedOptions),
-    Redis(RedisOptions),
+    Redis(Box<RedisOptions>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

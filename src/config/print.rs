@@ -66,6 +66,10 @@ impl Config {
                 "url": o.url.as_deref().map(url),
                 "cluster": o.cluster.iter().map(|u| url(u)).collect::<Vec<_>>(),
                 "prefix": o.prefix,
+                "sentinel": o.sentinel.as_ref().map(|t| json!({
+                    "master": t.master,
+                    "nodes": t.nodes.iter().map(|u| url(u)).collect::<Vec<_>>(),
+                })),
                 "username": o.username,
                 "password": o.password.as_ref().map(|_| REDACTED),
                 "tls": o.tls.as_ref().map(|t| json!({

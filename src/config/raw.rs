@@ -178,6 +178,15 @@ pub(super) struct RawTls {
 
 #[derive(schemars::JsonSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct RawSentinel {
+    /// The monitored master's name (`sentinel monitor NAME ...`).
+    pub(super) master: Str,
+    /// Sentinel URLs, `redis://host:26379` (userinfo: the sentinels' auth).
+    pub(super) nodes: Vec<Str>,
+}
+
+#[derive(schemars::JsonSchema, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct RawRedisTls {
     /// PEM file of the CA that signed the server's certificate (default:
     /// the system's roots).
@@ -281,6 +290,8 @@ pub(super) struct RawStore {
     pub(super) password: Option<Str>,
     /// TLS to Redis (`rediss://` URLs): a private CA, a client certificate.
     pub(super) tls: Option<RawRedisTls>,
+    /// Find the master through Redis Sentinel (instead of `url`).
+    pub(super) sentinel: Option<RawSentinel>,
     pub(super) cache: Option<usize>,
     pub(super) timeout: Option<Str>,
     pub(super) on_error: Option<Str>,

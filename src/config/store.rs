@@ -8,7 +8,7 @@ use super::source::resolve;
 use super::{StoreConfig, StoreKind};
 use crate::model::OnError;
 use crate::store::embedded::EmbeddedOptions;
-use crate::store::redis::{RedisOptions, RedisTls};
+use crate::store::redis::{RedisOptions, RedisTls, SentinelOptions};
 use std::path::Path;
 
 pub(super) fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreConfig {
@@ -36,6 +36,7 @@ pub(super) fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreC
         only(e, "username", raw.username.is_some(), "redis");
         only(e, "password", raw.password.is_some(), "redis");
         only(e, "tls", raw.tls.is_some(), "redis");
+        only(e, "sentinel", raw.sentinel.is_some(), "redis");
     }
     let kind = match kind_name {
         "none" => StoreKind::None,
@@ -56,15 +57,36 @@ pub(super) fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreC
                 .enumerate()
                 .map(|(i, u)| e.text(&format!("store.cluster[{i}]"), u))
                 .collect();
-            match (&url, cluster.is_empty()) {
-                (None, true) => e.add(
+            let sentinel = raw.sentinel.as_ref().map(|s| SentinelOptions {
+                master: e.text("store.sentinel.master", &s.master),
+                nodes: s
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, u)| e.text(&format!("store.sentinel.nodes[{i}]"), u))
+                    .collect(),
+            });
+            match (&url, cluster.is_empty(), &sentinel) {
+                (None, true, None) => e.add(
                     "store",
-                    "kind: redis needs `url` (standalone) or `cluster` (node URLs)",
+                    "kind: redis needs `url` (standalone), `cluster` (node URLs) or `sentinel`",
                 ),
-                (Some(_), false) => {
+                (Some(_), false, _) => {
                     e.add("store.cluster", "give either `url` or `cluster`, not both")
                 }
+                (Some(_), _, Some(_)) | (_, false, Some(_)) => e.add(
+                    "store.sentinel",
+                    "give `sentinel` without `url` or `cluster` (the sentinels name the master)",
+                ),
                 _ => {}
+            }
+            if let Some(s) = &sentinel {
+                if s.master.trim().is_empty() {
+                    e.add("store.sentinel.master", "must name the monitored master");
+                }
+                if s.nodes.is_empty() {
+                    e.add("store.sentinel.nodes", "must list at least one sentinel");
+                }
             }
             let all: Vec<(String, String)> = url
                 .iter()
@@ -75,6 +97,12 @@ pub(super) fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreC
                         .enumerate()
                         .map(|(i, u)| (format!("store.cluster[{i}]"), u.clone())),
                 )
+                .chain(sentinel.iter().flat_map(|s| {
+                    s.nodes
+                        .iter()
+                        .enumerate()
+                        .map(|(i, u)| (format!("store.sentinel.nodes[{i}]"), u.clone()))
+                }))
                 .collect();
             for (field, u) in all {
                 if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
@@ -111,14 +139,15 @@ pub(super) fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreC
                     "needs rediss:// URLs (a redis:// URL would connect without TLS)",
                 );
             }
-            StoreKind::Redis(RedisOptions {
+            StoreKind::Redis(Box::new(RedisOptions {
                 url,
                 cluster,
                 prefix,
                 username,
                 password,
                 tls,
-            })
+                sentinel,
+            }))
         }
     };
     let timeout = e.duration("store.timeout", &raw.timeout, defaults::STORE_TIMEOUT);

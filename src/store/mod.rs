@@ -407,7 +407,7 @@ pub trait SessionStore: Send + Sync {
 pub enum Store {
     Memory(memory::MemoryStore),
     Embedded(embedded::EmbeddedStore),
-    Redis(redis::RedisStore),
+    Redis(Box<redis::RedisStore>),
 }
 
 impl Store {

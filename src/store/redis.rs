@@ -54,6 +54,18 @@ pub struct RedisOptions {
     pub password: Option<String>,
     /// `store.tls` (`rediss://` URLs only).
     pub tls: Option<RedisTls>,
+    /// `store.sentinel`: find the master through Redis Sentinel.
+    pub sentinel: Option<SentinelOptions>,
+}
+
+/// `store.sentinel`.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct SentinelOptions {
+    /// The monitored master's name (`sentinel monitor NAME ...`).
+    pub master: String,
+    /// The sentinels' URLs (`redis://host:26379`; userinfo there is the
+    /// sentinels' own auth).
+    pub nodes: Vec<String>,
 }
 
 /// `store.tls`, its PEM files read.
@@ -80,6 +92,18 @@ impl std::fmt::Debug for RedisOptions {
                     .collect::<Vec<_>>(),
             )
             .field("prefix", &self.prefix)
+            .field(
+                "sentinel",
+                &self.sentinel.as_ref().map(|t| {
+                    (
+                        &t.master,
+                        t.nodes
+                            .iter()
+                            .map(|u| without_userinfo(u))
+                            .collect::<Vec<_>>(),
+                    )
+                }),
+            )
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field(
@@ -140,6 +164,57 @@ impl RedisOptions {
             Some(certs) => redis::Client::build_with_tls(info, certs),
             None => redis::Client::open(info),
         }
+    }
+
+    /// A client that asks the sentinels for the master, with the master's
+    /// user, password and TLS as for `url`.
+    fn sentinel_client(&self) -> redis::RedisResult<redis::sentinel::SentinelClient> {
+        use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
+        use redis::IntoConnectionInfo;
+        let s = self.sentinel.as_ref().expect("sentinel options");
+        let nodes = s
+            .nodes
+            .iter()
+            .map(|u| u.as_str().into_connection_info())
+            .collect::<redis::RedisResult<Vec<_>>>()?;
+        let mut b = SentinelClientBuilder::new(
+            nodes.iter().map(|n| n.addr().clone()),
+            &s.master,
+            SentinelServerType::Master,
+        )?;
+        if let Some(n) = nodes
+            .iter()
+            .find(|n| n.redis_settings().password().is_some())
+        {
+            let r = n.redis_settings();
+            if let Some(u) = r.username() {
+                b = b.set_client_to_sentinel_username(u);
+            }
+            b = b.set_client_to_sentinel_password(r.password().unwrap_or_default());
+        }
+        if let Some(u) = &self.username {
+            b = b.set_client_to_redis_username(u);
+        }
+        if let Some(p) = &self.password {
+            b = b.set_client_to_redis_password(p);
+        }
+        if let Some(t) = &self.tls {
+            b = b.set_client_to_redis_tls_mode(if t.insecure_skip_verify {
+                redis::TlsMode::Insecure
+            } else {
+                redis::TlsMode::Secure
+            });
+        }
+        if let Some(certs) = self.certificates() {
+            if nodes
+                .iter()
+                .any(|n| matches!(n.addr(), redis::ConnectionAddr::TcpTls { .. }))
+            {
+                b = b.set_client_to_sentinel_certificates(certs.clone());
+            }
+            b = b.set_client_to_redis_certificates(certs);
+        }
+        b.build()
     }
 
     /// A client for the Cluster.
@@ -504,6 +579,10 @@ pub struct RedisStore {
     cfg: RedisOptions,
     timeout: Duration,
     conn: OnceCell<Conn>,
+    /// `store.sentinel`: the master found last (none: ask the sentinels
+    /// at the next call), and the client that asks them.
+    master: std::sync::RwLock<Option<ConnectionManager>>,
+    sentinel: Option<tokio::sync::Mutex<redis::sentinel::SentinelClient>>,
 }
 
 impl RedisStore {
@@ -515,7 +594,13 @@ impl RedisStore {
                  checked, so anyone on the path can read and change every session"
             );
         }
-        if let Some(u) = &cfg.url {
+        let mut sentinel = None;
+        if cfg.sentinel.is_some() {
+            let client = cfg
+                .sentinel_client()
+                .map_err(|e| format!("store: invalid Sentinel URL or TLS files: {e}"))?;
+            sentinel = Some(tokio::sync::Mutex::new(client));
+        } else if let Some(u) = &cfg.url {
             cfg.client(u)
                 .map_err(|e| format!("store: invalid Redis URL or TLS files: {e}"))?;
         } else {
@@ -527,23 +612,84 @@ impl RedisStore {
             cfg,
             timeout,
             conn: OnceCell::new(),
+            master: std::sync::RwLock::new(None),
+            sentinel,
         })
     }
 
+    /// Standalone and Sentinel: one server, so a user's index changes
+    /// inside the session's script.
+    fn single_server(&self) -> bool {
+        self.cfg.cluster.is_empty()
+    }
+
+    fn manager(&self, client: redis::Client) -> Result<ConnectionManager, StoreError> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(2)
+            .set_min_delay(Duration::from_millis(20))
+            .set_max_delay(Duration::from_millis(500));
+        ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)
+    }
+
+    /// Sentinel: the current master's connection, asking the sentinels
+    /// when none is known (at start, and after [`RedisStore::failed`]).
+    async fn master(
+        &self,
+        sentinel: &tokio::sync::Mutex<redis::sentinel::SentinelClient>,
+    ) -> Result<Conn, StoreError> {
+        if let Some(m) = self.master.read().expect("not poisoned").as_ref() {
+            return Ok(Conn::Single(m.clone()));
+        }
+        // One caller asks; the others wait for its answer.
+        let mut client = sentinel.lock().await;
+        if let Some(m) = self.master.read().expect("not poisoned").as_ref() {
+            return Ok(Conn::Single(m.clone()));
+        }
+        let found = client.async_get_client().await.map_err(|e| {
+            StoreError::Unavailable(format!("redis sentinel: no master found: {e}"))
+        })?;
+        tracing::info!(master = %self.cfg.sentinel.as_ref().map_or("", |s| s.master.as_str()), "redis sentinel: connecting to the current master");
+        let m = self.manager(found)?;
+        *self.master.write().expect("not poisoned") = Some(m.clone());
+        Ok(Conn::Single(m))
+    }
+
+    /// Sentinel: after an error that may mean a failover (the master
+    /// unreachable, or demoted to a read-only replica), forget it, so the
+    /// next call asks the sentinels.
+    fn failed(&self, e: &redis::RedisError) {
+        if self.sentinel.is_none() {
+            return;
+        }
+        let demoted = e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+            || e.to_string().contains("READONLY");
+        if demoted
+            || e.is_connection_refusal()
+            || e.is_connection_dropped()
+            || e.is_io_error()
+            || e.is_timeout()
+        {
+            *self.master.write().expect("not poisoned") = None;
+        }
+    }
+
+    /// A failed call's error, after [`RedisStore::failed`].
+    fn lost(&self, e: redis::RedisError) -> StoreError {
+        self.failed(&e);
+        unavailable(e)
+    }
+
     async fn conn(&self) -> Result<Conn, StoreError> {
+        if let Some(s) = &self.sentinel {
+            return self.master(s).await;
+        }
         self.conn
             .get_or_try_init(|| async {
                 if let Some(url) = &self.cfg.url {
                     let client = self.cfg.client(url).map_err(unavailable)?;
-                    let config = ConnectionManagerConfig::new()
-                        .set_connection_timeout(Some(self.timeout))
-                        .set_response_timeout(Some(self.timeout))
-                        .set_number_of_retries(2)
-                        .set_min_delay(Duration::from_millis(20))
-                        .set_max_delay(Duration::from_millis(500));
-                    ConnectionManager::new_lazy_with_config(client, config)
-                        .map(Conn::Single)
-                        .map_err(unavailable)
+                    self.manager(client).map(Conn::Single)
                 } else {
                     let client = self
                         .cfg
@@ -669,6 +815,7 @@ impl RedisStore {
             reply = with_conn!(conn.clone(), c => eval_script(&mut c, &inv).await);
         }
         let reply = reply.map_err(|e| {
+            self.failed(&e);
             if e.is_timeout() || (e.is_connection_dropped() && !e.is_connection_refusal()) {
                 // Sent, and no answer: it may have run.
                 StoreError::Unknown(format!("redis: {e}"))
@@ -719,7 +866,7 @@ impl RedisStore {
             .arg(crate::model::now_ms())
             .invoke_async(&mut c)
             .await)
-        .map_err(unavailable)?;
+        .map_err(|e| self.lost(e))?;
         Ok(reply
             .iter()
             .filter_map(|e| UserSession::decode(e))
@@ -745,7 +892,7 @@ impl RedisStore {
                 .arg(1000)
                 .query_async(&mut c)
                 .await
-                .map_err(unavailable)?;
+                .map_err(|e| self.lost(e))?;
             for k in keys {
                 let tag = k
                     .strip_prefix(&self.cfg.prefix)
@@ -930,7 +1077,7 @@ impl SessionStore for RedisStore {
             tokio::time::sleep(LOADING_PAUSE).await;
             replies = with_conn!(conn.clone(), c => pipe.query_async(&mut c).await);
         }
-        let mut replies = replies.map_err(unavailable)?.into_iter();
+        let mut replies = replies.map_err(|e| self.lost(e))?.into_iter();
         if check.ended {
             let v = replies.next().unwrap_or(redis::Value::Nil);
             out.ended = redis::from_redis_value::<bool>(v).map_err(parsing)?;
@@ -957,7 +1104,7 @@ impl SessionStore for RedisStore {
             .all(|_| b.destroy.is_none_or(|d| d.tag == b.key.tag)));
         // Standalone: the users' indexes change inside the session's script
         // (atomically); Cluster: they live in other slots, so afterwards.
-        let (inline, after): (&[UserWrite], &[UserWrite]) = if self.cfg.url.is_some() {
+        let (inline, after): (&[UserWrite], &[UserWrite]) = if self.single_server() {
             (&b.users, &[])
         } else {
             (&[], &b.users)
@@ -979,7 +1126,7 @@ impl SessionStore for RedisStore {
                 self.mark_ended(&mut pipe, b.key.tag, id, *until);
             }
             with_conn!(conn.clone(), c => pipe.query_async::<()>(&mut c).await)
-                .map_err(unavailable)?;
+                .map_err(|e| self.lost(e))?;
             Written::default()
         } else {
             self.script_write(&conn, b, inline).await?
@@ -1001,7 +1148,7 @@ impl SessionStore for RedisStore {
             .arg(self.user_key(user))
             .query_async(&mut c)
             .await)
-        .map_err(unavailable)?;
+        .map_err(|e| self.lost(e))?;
         let live: Vec<UserSession> = all
             .values()
             .filter_map(|v| UserSession::decode(v))
@@ -1025,7 +1172,7 @@ impl SessionStore for RedisStore {
                 for m in &marks {
                     pipe.exists(m);
                 }
-                pipe.query_async(&mut c).await.map_err(unavailable)?
+                pipe.query_async(&mut c).await.map_err(|e| self.lost(e))?
             }
             Conn::Cluster(mut c) => {
                 let mut out = Vec::with_capacity(marks.len());
@@ -1035,7 +1182,7 @@ impl SessionStore for RedisStore {
                             .arg(m)
                             .query_async(&mut c)
                             .await
-                            .map_err(unavailable)?,
+                            .map_err(|e| self.lost(e))?,
                     );
                 }
                 out
@@ -1067,12 +1214,12 @@ impl SessionStore for RedisStore {
             pipe.atomic().del(keys).ignore();
             self.mark_ended(&mut pipe, key.tag, &key.id, *until);
             with_conn!(conn.clone(), c => pipe.query_async::<()>(&mut c).await)
-                .map_err(unavailable)?;
+                .map_err(|e| self.lost(e))?;
         }
         if let Some(u) = user {
             let ids: Vec<String> = sessions.iter().map(|(k, _)| k.id.hex()).collect();
             with_conn!(conn, c => redis::cmd("HDEL").arg(self.user_key(u)).arg(ids).query_async::<()>(&mut c).await)
-                .map_err(unavailable)?;
+                .map_err(|e| self.lost(e))?;
         }
         Ok(())
     }
@@ -1097,7 +1244,7 @@ impl SessionStore for RedisStore {
             pipe.cmd("PEXPIRETIME").arg(&k);
         }
         let replies: Vec<redis::Value> =
-            with_conn!(conn, c => pipe.query_async(&mut c).await).map_err(unavailable)?;
+            with_conn!(conn, c => pipe.query_async(&mut c).await).map_err(|e| self.lost(e))?;
         let mut it = replies.into_iter();
         let ended: bool =
             redis::from_redis_value(it.next().unwrap_or(redis::Value::Nil)).map_err(parsing)?;
@@ -1132,7 +1279,7 @@ impl SessionStore for RedisStore {
         if r.as_ref().is_err_and(|e| retryable(e, false)) {
             r = ping(conn).await;
         }
-        r.map(|_| ()).map_err(unavailable)
+        r.map(|_| ()).map_err(|e| self.lost(e))
     }
 }
 
