@@ -459,7 +459,14 @@ fn apply(
     let before = if b.destroy.is_some_and(|d| d.id == src) {
         Record::default()
     } else {
-        read_record(&data, &session, &src, ChannelSet::ALL, now)?.0
+        let (rec, live_until) = read_record(&data, &session, &src, ChannelSet::ALL, now)?;
+        if live_until == 0 && session.get(&src.0[..])?.is_some() {
+            // Expired and not swept yet: its rows must not come back under
+            // the expiry this write sets (the rows below are written as a
+            // difference against `before`).
+            delete_session(&mut data, &mut session, &mut expiry, &src)?;
+        }
+        rec
     };
     let mut after = before.clone();
     if !b.destroy_only() {
