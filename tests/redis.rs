@@ -672,10 +672,10 @@ async fn a_one_key_write_costs_the_same_whatever_the_sessions_size() {
     let many: Vec<String> = (0..200).map(|i| format!("k{i}=v{i}")).collect();
     let many = many.join("&");
     for (extra, at_most) in [
-        ("  regenerate_grace: 0s\n", 2),
-        ("", 3),
+        ("  regenerate_grace: 0s\n", 3),
+        ("", 4),
         ("  idle_timeout: 30m\n", 4),
-        ("  revocation: true\n", 3),
+        ("  revocation: true\n", 4),
         ("  idle_timeout: 30m\n  revocation: true\n", 4),
     ] {
         let r = RedisServer::start();
@@ -851,4 +851,61 @@ async fn sessions_without_totals_are_counted_at_their_next_write() {
     assert_eq!(b.get("/", &[("X-Session-Set", "c=1")]).await.status, 200);
     check_totals(&r, &id);
     assert_eq!(b.get("/", &[]).await.session().len(), 4);
+}
+
+/// Review finding: a Delete of a channel's last key and a Set in the same
+/// channel in one response. Redis drops the hash with its last field, so
+/// the Set makes a new hash, which needs its TTL even though the session's
+/// expiry did not move.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hash_emptied_and_refilled_in_one_write_keeps_its_ttl() {
+    let r = RedisServer::start();
+    let up = Upstream::start();
+    let g = Gateway::start(&totals_yaml(&up, &r, ""));
+    let mut b = Browser::new(&g);
+    b.get("/", &[("X-Session-Set", "user=alice&tk=1")]).await;
+    let id = b.get("/", &[]).await.got_header("x-session-id").unwrap();
+    let resp = b
+        .get(
+            "/",
+            &[("X-Session-Delete", "tk"), ("X-Session-Set", "tk=2")],
+        )
+        .await;
+    assert_eq!(resp.status, 200);
+    check_totals(&r, &id);
+    let t = r.keys(&format!("s:*:{id}:t")).pop().expect("the t hash");
+    let ttl: i64 = r.cli(&["PTTL", &t]).trim().parse().unwrap();
+    assert!(ttl > 0, "the refilled t hash has no TTL ({ttl})");
+}
+
+/// Review finding: a gateway from before the totals (a rolling upgrade)
+/// writes the p hash without updating them. The next write notices (the
+/// field count differs) and counts again, so limits stay exact and no key
+/// the other gateway wrote is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_written_without_the_totals_are_counted_again() {
+    let r = RedisServer::start();
+    let up = Upstream::start();
+    let g = Gateway::start(&totals_yaml(&up, &r, "  limits: { keys: 3 }\n"));
+    let mut b = Browser::new(&g);
+    b.get("/", &[("X-Session-Set", "a=1")]).await;
+    let id = b.get("/", &[]).await.got_header("x-session-id").unwrap();
+    let p = r.keys(&format!("s:*:{id}:p")).pop().unwrap();
+    // What an older gateway's script does: HSET, no totals.
+    assert_eq!(r.cli(&["HSET", &p, "b", "2", "c", "3"]).trim(), "2");
+    // 3 keys now: a fourth is refused, so b and c were counted.
+    let resp = b.get("/", &[("X-Session-Set", "d=4")]).await;
+    assert_eq!(resp.status, 502, "{}", resp.body);
+    assert!(resp.body.contains("too_many_keys"), "{}", resp.body);
+    // Deleting the key this gateway knew of leaves the other two.
+    assert_eq!(b.get("/", &[("X-Session-Delete", "a")]).await.status, 200);
+    let s = b.get("/", &[]).await.session();
+    assert_eq!(
+        (
+            s.get("b").map(String::as_str),
+            s.get("c").map(String::as_str)
+        ),
+        (Some("2"), Some("3"))
+    );
+    check_totals(&r, &id);
 }

@@ -128,6 +128,12 @@ pub(super) fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreC
                 .password
                 .as_ref()
                 .and_then(|p| read_secret(e, "store.password", p, base));
+            if username.is_some() && password.is_none() {
+                e.add(
+                    "store.username",
+                    "needs store.password (an ACL user logs in with both)",
+                );
+            }
             let tls = raw.tls.as_ref().map(|t| redis_tls(t, base, e));
             let plain = url
                 .iter()

@@ -36,7 +36,8 @@ use crate::model::{Channel, ChannelSet, SessionId, CHANNELS};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use std::collections::BTreeMap;
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 use tokio::sync::OnceCell;
 
@@ -198,18 +199,22 @@ impl RedisOptions {
         if let Some(p) = &self.password {
             b = b.set_client_to_redis_password(p);
         }
-        if let Some(t) = &self.tls {
-            b = b.set_client_to_redis_tls_mode(if t.insecure_skip_verify {
+        // TLS to the master with `store.tls`, or when the sentinels
+        // themselves are reached over TLS (never the password in the clear
+        // to the master then).
+        let tls_nodes = nodes
+            .iter()
+            .any(|n| matches!(n.addr(), redis::ConnectionAddr::TcpTls { .. }));
+        if self.tls.is_some() || tls_nodes {
+            let insecure = self.tls.as_ref().is_some_and(|t| t.insecure_skip_verify);
+            b = b.set_client_to_redis_tls_mode(if insecure {
                 redis::TlsMode::Insecure
             } else {
                 redis::TlsMode::Secure
             });
         }
         if let Some(certs) = self.certificates() {
-            if nodes
-                .iter()
-                .any(|n| matches!(n.addr(), redis::ConnectionAddr::TcpTls { .. }))
-            {
+            if tls_nodes {
                 b = b.set_client_to_sentinel_certificates(certs.clone());
             }
             b = b.set_client_to_redis_certificates(certs);
@@ -340,7 +345,10 @@ if not own_destroyed then
   if tot then
     for x in string.gmatch(tot, "%d+") do t[#t + 1] = tonumber(x) end
   end
-  if #t == 9 then
+  -- HLEN is O(1): a p hash whose field count is not its totals' was
+  -- changed by something that does not keep them (a Gimlet from before
+  -- the totals, during a rolling upgrade): counted again.
+  if #t == 9 and redis.call("HLEN", src(1)) == t[2] + 1 then
     was_at = t[1]
     for c = 1, 4 do
       n_keys[c] = t[2 * c]
@@ -349,22 +357,26 @@ if not own_destroyed then
     end
     existed[1] = true
   else
-    tot = false
-    if redis.call("EXISTS", src(1), src(2), src(3), src(4)) > 0 then
+    if #t ~= 9 then tot = false end
+    if tot or redis.call("EXISTS", src(1), src(2), src(3), src(4)) > 0 then
       -- Written before the totals were kept: counted once, kept from now on.
       for c = 1, 4 do
         -- HKEYS and HVALS list an unchanged hash in the same order.
         local names = redis.call("HKEYS", src(c))
         local vals = redis.call("HVALS", src(c))
-        n_keys[c] = #names
         for i = 1, #names do
-          n_bytes[c] = n_bytes[c] + string.len(names[i]) + string.len(vals[i])
+          if not (c == 1 and names[i] == TOTALS) then
+            n_keys[c] = n_keys[c] + 1
+            n_bytes[c] = n_bytes[c] + string.len(names[i]) + string.len(vals[i])
+          end
         end
         existed[c] = #names > 0
       end
     end
   end
 end
+
+local before_keys = { n_keys[1], n_keys[2], n_keys[3], n_keys[4] }
 
 -- 1. Every Incr, computed exactly (64-bit, by Redis itself) before any write.
 for c = 1, 4 do
@@ -452,7 +464,18 @@ for c = 1, 4 do
     redis.call("DEL", k)
     here = false
   end
-  if here and #op.del > 0 then redis.call("HDEL", k, unpack(op.del)) end
+  if here and #op.del > 0 then
+    redis.call("HDEL", k, unpack(op.del))
+    -- Redis drops a hash with its last field: one the HSET below makes
+    -- again is new, and needs its TTL (p keeps its totals field).
+    if c ~= 1 then
+      local left, gone = before_keys[c], {}
+      for _, d in ipairs(op.del) do
+        if old[c][d] and not gone[d] then gone[d] = true; left = left - 1 end
+      end
+      if left <= 0 then here = false end
+    end
+  end
   local args = {}
   for _, kv in ipairs(op.set) do args[#args + 1] = kv[1]; args[#args + 1] = kv[2] end
   for f, v in pairs(op.result) do args[#args + 1] = f; args[#args + 1] = v end
@@ -581,9 +604,23 @@ pub struct RedisStore {
     conn: OnceCell<Conn>,
     /// `store.sentinel`: the master found last (none: ask the sentinels
     /// at the next call), and the client that asks them.
-    master: std::sync::RwLock<Option<ConnectionManager>>,
-    sentinel: Option<tokio::sync::Mutex<redis::sentinel::SentinelClient>>,
+    sentinel: Option<Sentinel>,
 }
+
+/// `store.sentinel`: the master found last (none: ask the sentinels at the
+/// next call), and one lookup at a time, in its own task, so that a caller
+/// cut off by `store.timeout` does not cut off the lookup (a sentinel that
+/// drops packets costs its connect timeout on every attempt).
+struct Sentinel {
+    client: Arc<tokio::sync::Mutex<redis::sentinel::SentinelClient>>,
+    master: Arc<std::sync::RwLock<Option<ConnectionManager>>>,
+    looking: Arc<AtomicBool>,
+    /// Sent when a lookup ends: its error, or none.
+    done: Arc<tokio::sync::watch::Sender<Option<String>>>,
+}
+
+/// How long one lookup of the master may take, whatever the callers wait.
+const SENTINEL_LOOKUP: Duration = Duration::from_secs(5);
 
 impl RedisStore {
     /// Validate the URLs now; connect on first use (inside a runtime).
@@ -599,7 +636,12 @@ impl RedisStore {
             let client = cfg
                 .sentinel_client()
                 .map_err(|e| format!("store: invalid Sentinel URL or TLS files: {e}"))?;
-            sentinel = Some(tokio::sync::Mutex::new(client));
+            sentinel = Some(Sentinel {
+                client: Arc::new(tokio::sync::Mutex::new(client)),
+                master: Arc::new(std::sync::RwLock::new(None)),
+                looking: Arc::new(AtomicBool::new(false)),
+                done: Arc::new(tokio::sync::watch::channel(None).0),
+            });
         } else if let Some(u) = &cfg.url {
             cfg.client(u)
                 .map_err(|e| format!("store: invalid Redis URL or TLS files: {e}"))?;
@@ -612,7 +654,6 @@ impl RedisStore {
             cfg,
             timeout,
             conn: OnceCell::new(),
-            master: std::sync::RwLock::new(None),
             sentinel,
         })
     }
@@ -624,45 +665,73 @@ impl RedisStore {
     }
 
     fn manager(&self, client: redis::Client) -> Result<ConnectionManager, StoreError> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(2)
-            .set_min_delay(Duration::from_millis(20))
-            .set_max_delay(Duration::from_millis(500));
-        ConnectionManager::new_lazy_with_config(client, config).map_err(unavailable)
+        ConnectionManager::new_lazy_with_config(client, manager_config(self.timeout))
+            .map_err(unavailable)
     }
 
     /// Sentinel: the current master's connection, asking the sentinels
     /// when none is known (at start, and after [`RedisStore::failed`]).
-    async fn master(
-        &self,
-        sentinel: &tokio::sync::Mutex<redis::sentinel::SentinelClient>,
-    ) -> Result<Conn, StoreError> {
-        if let Some(m) = self.master.read().expect("not poisoned").as_ref() {
+    async fn master(&self, st: &Sentinel) -> Result<Conn, StoreError> {
+        if let Some(m) = st.master.read().expect("not poisoned").as_ref() {
             return Ok(Conn::Single(m.clone()));
         }
-        // One caller asks; the others wait for its answer.
-        let mut client = sentinel.lock().await;
-        if let Some(m) = self.master.read().expect("not poisoned").as_ref() {
+        // Subscribed before the lookup can end, so its end is seen.
+        let mut done = st.done.subscribe();
+        if !st.looking.swap(true, Ordering::AcqRel) {
+            let (client, master, looking, tx) = (
+                st.client.clone(),
+                st.master.clone(),
+                st.looking.clone(),
+                st.done.clone(),
+            );
+            let timeout = self.timeout;
+            let name = self
+                .cfg
+                .sentinel
+                .as_ref()
+                .map_or(String::new(), |s| s.master.clone());
+            tokio::spawn(async move {
+                let found = tokio::time::timeout(SENTINEL_LOOKUP, async {
+                    client.lock().await.async_get_client().await
+                })
+                .await;
+                let outcome = match found {
+                    Ok(Ok(c)) => {
+                        match ConnectionManager::new_lazy_with_config(c, manager_config(timeout)) {
+                            Ok(m) => {
+                                tracing::info!(master = %name, "redis sentinel: connecting to the current master");
+                                *master.write().expect("not poisoned") = Some(m);
+                                None
+                            }
+                            Err(e) => Some(format!("redis: {e}")),
+                        }
+                    }
+                    Ok(Err(e)) => Some(format!("redis sentinel: no master found: {e}")),
+                    Err(_) => Some(format!(
+                        "redis sentinel: no master found within {SENTINEL_LOOKUP:?}"
+                    )),
+                };
+                // Before the news: a caller that comes in between starts
+                // another lookup rather than wait for one that has ended.
+                looking.store(false, Ordering::Release);
+                tx.send_replace(outcome);
+            });
+        }
+        let _ = done.changed().await;
+        if let Some(m) = st.master.read().expect("not poisoned").as_ref() {
             return Ok(Conn::Single(m.clone()));
         }
-        let found = client.async_get_client().await.map_err(|e| {
-            StoreError::Unavailable(format!("redis sentinel: no master found: {e}"))
-        })?;
-        tracing::info!(master = %self.cfg.sentinel.as_ref().map_or("", |s| s.master.as_str()), "redis sentinel: connecting to the current master");
-        let m = self.manager(found)?;
-        *self.master.write().expect("not poisoned") = Some(m.clone());
-        Ok(Conn::Single(m))
+        let why = done.borrow().clone();
+        Err(StoreError::Unavailable(
+            why.unwrap_or_else(|| "redis sentinel: no master".into()),
+        ))
     }
 
     /// Sentinel: after an error that may mean a failover (the master
     /// unreachable, or demoted to a read-only replica), forget it, so the
     /// next call asks the sentinels.
     fn failed(&self, e: &redis::RedisError) {
-        if self.sentinel.is_none() {
-            return;
-        }
+        let Some(st) = &self.sentinel else { return };
         let demoted = e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
             || e.to_string().contains("READONLY");
         if demoted
@@ -671,7 +740,7 @@ impl RedisStore {
             || e.is_io_error()
             || e.is_timeout()
         {
-            *self.master.write().expect("not poisoned") = None;
+            *st.master.write().expect("not poisoned") = None;
         }
     }
 
@@ -914,6 +983,15 @@ impl RedisStore {
     pub fn keys_of(&self, key: &StoreKey) -> [String; 4] {
         self.channel_keys(key.tag, &key.id)
     }
+}
+
+fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(2)
+        .set_min_delay(Duration::from_millis(20))
+        .set_max_delay(Duration::from_millis(500))
 }
 
 /// Worth one more try on a fresh connection: the connection was found dead.
