@@ -294,7 +294,17 @@ async fn demo_edge_cases_say_what_to_do() {
         .unwrap();
     wait_port(format!("127.0.0.1:{port}").parse().unwrap());
     let c = client();
-    let r = send(&c, c.get(format!("http://127.0.0.1:{port}/"))).await;
+    // The demo app is a second pingora service, bound in the same start
+    // as the gateway's listener but not necessarily first: on a loaded
+    // machine the very first request may meet it not yet listening (502).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let r = loop {
+        let r = send(&c, c.get(format!("http://127.0.0.1:{port}/"))).await;
+        if r.status != 502 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!(r.status, 200);
     let _ = child.kill();
     let _ = child.wait();
