@@ -10,7 +10,6 @@ use gimlet::store::embedded::EmbeddedStore;
 use gimlet::store::memory::MemoryStore;
 use gimlet::store::redis::{RedisOptions, RedisStore};
 use gimlet::store::{Check, LimitCheck, Refusal, Store, StoreError, StoreKey, WriteBatch};
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 /// One operation on one channel (0 = p, 1 = t, 2 = sp, 3 = st).
@@ -299,6 +298,15 @@ async fn contents(s: &Store, k: &StoreKey) -> Vec<(usize, String, String)> {
     out
 }
 
+/// Is `k` remembered as ended?
+async fn ended(s: &Store, k: &StoreKey) -> bool {
+    let check = Check {
+        ended: true,
+        moved: false,
+    };
+    s.load(k, all(), check).await.expect("load").ended
+}
+
 fn label(r: &Result<gimlet::store::Written, StoreError>) -> Result<(), String> {
     match r {
         Ok(_) => Ok(()),
@@ -451,19 +459,7 @@ async fn run_lifecycle(name: &str, s: &Store) {
     b.end = vec![(fresh.id, in_an_hour())];
     s.write(&b).await.unwrap();
     assert_eq!(contents(s, &fresh).await, vec![], "{name}: destroy alone");
-    assert!(
-        s.load(
-            &fresh,
-            all(),
-            Check {
-                ended: true,
-                moved: false
-            }
-        )
-        .await
-        .unwrap()
-        .ended
-    );
+    assert!(ended(s, &fresh).await);
 
     // end(): data gone, id ended.
     let k = key();
@@ -479,27 +475,15 @@ async fn run_lifecycle(name: &str, s: &Store) {
         .await
         .unwrap()
         .expect("inspect");
-    let names: BTreeMap<&str, Vec<String>> = seen.keys.clone();
     assert_eq!(
-        names.values().flatten().count(),
+        seen.keys.values().flatten().count(),
         2,
-        "{name}: inspect {names:?}"
+        "{name}: inspect {:?}",
+        seen.keys
     );
     s.end(&[(k, in_an_hour())], None).await.unwrap();
     assert_eq!(contents(s, &k).await, vec![], "{name}: end");
-    assert!(
-        s.load(
-            &k,
-            all(),
-            Check {
-                ended: true,
-                moved: false
-            }
-        )
-        .await
-        .unwrap()
-        .ended
-    );
+    assert!(ended(s, &k).await);
 
     // Expiry: data written to expire in a second is gone after it.
     let k = key();

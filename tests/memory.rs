@@ -10,12 +10,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 fn rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap()
+    proc_status_kb(pid, "VmRSS")
 }
 
 /// RSS growth per connection of `N` idle connections on a fresh gateway
