@@ -18,6 +18,10 @@ deps:
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v psql >/dev/null || missing="$$missing postgresql-client"; \
+	command -v mariadb-install-db >/dev/null || missing="$$missing mariadb-server"; \
+	command -v mariadb >/dev/null || missing="$$missing mariadb-client"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \

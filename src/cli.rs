@@ -1,4 +1,5 @@
-//! The command line: `run`, `check`, `keygen`, `health`, `demo`, `sessions`.
+//! The command line: `run`, `check`, `migrate`, `keygen`, `health`, `demo`,
+//! `sessions`.
 
 use crate::config::Config;
 use clap::{Parser, Subcommand};
@@ -33,6 +34,16 @@ enum Command {
         connect: bool,
         /// Print the effective config (defaults filled, `${}` expanded,
         /// secrets redacted).
+        #[arg(long)]
+        print: bool,
+    },
+    /// Create or update the SQL store's tables and functions
+    /// (`store.kind: sql`), then exit.
+    Migrate {
+        /// The YAML config file.
+        #[arg(short, long, value_name = "FILE", required_unless_present = "print")]
+        config: Option<PathBuf>,
+        /// Print the schema's SQL instead of applying it.
         #[arg(long)]
         print: bool,
     },
@@ -124,6 +135,7 @@ pub fn main() -> i32 {
             connect,
             print,
         } => check(&config, connect, print),
+        Command::Migrate { config, print } => migrate(config, print),
         Command::Keygen => {
             println!("{}", crate::codec::keygen());
             0
@@ -422,6 +434,59 @@ fn http_call(
     })
 }
 
+/// `gimlet migrate`: the SQL schema applied (or printed).
+fn migrate(file: Option<PathBuf>, print: bool) -> i32 {
+    if print {
+        print!("{}", crate::store::sql::SCHEMA.trim_start());
+        return 0;
+    }
+    let Some(file) = file else { return 2 };
+    let c = match Config::load(&file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    let crate::config::StoreKind::Sql(o) = &c.store.kind else {
+        eprintln!(
+            "{}: store.kind is not sql; there is no schema to migrate",
+            file.display()
+        );
+        return 1;
+    };
+    let store = match crate::store::sql::SqlStore::new(
+        (**o).clone(),
+        c.store.timeout.max(std::time::Duration::from_secs(5)),
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start a runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(store.migrate()) {
+        Ok(()) => {
+            println!("{}: schema up to date", file.display());
+            0
+        }
+        Err(e) => {
+            eprintln!("{}: migrate failed: {e}", file.display());
+            1
+        }
+    }
+}
+
 fn check(file: &std::path::Path, connect: bool, print: bool) -> i32 {
     let c = match Config::load(file) {
         Ok(c) => c,
@@ -481,6 +546,7 @@ fn check(file: &std::path::Path, connect: bool, print: bool) -> i32 {
                 crate::config::StoreKind::Memory => "memory",
                 crate::config::StoreKind::Embedded(_) => "embedded",
                 crate::config::StoreKind::Redis(_) => "redis",
+                crate::config::StoreKind::Sql(_) => "sql",
             }
         );
     }

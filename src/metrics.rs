@@ -18,6 +18,10 @@ pub struct Metrics {
     pub directives: IntCounterVec,
     pub directive_errors: IntCounterVec,
     pub store_ops: IntCounterVec,
+    /// `store.kind: sql`: expired sessions the cleanup task deleted, and
+    /// its passes by result.
+    pub store_cleanup_deleted: IntCounter,
+    pub store_cleanups: IntCounterVec,
     pub store_duration: HistogramVec,
     pub set_cookie_bytes: Histogram,
     pub config_reloads: IntCounterVec,
@@ -112,6 +116,19 @@ impl Metrics {
                 "gimlet_store_operations_total",
                 "Store round trips, by operation and result.",
                 &["op", "result"],
+            ),
+            store_cleanup_deleted: reg(
+                &registry,
+                IntCounter::new(
+                    "gimlet_store_cleanup_deleted_total",
+                    "Expired sessions the SQL store's cleanup task deleted.",
+                )
+                .unwrap(),
+            ),
+            store_cleanups: counter(
+                "gimlet_store_cleanups_total",
+                "SQL store cleanup passes, by result (ok, error).",
+                &["result"],
             ),
             store_duration: histo(
                 "gimlet_store_duration_seconds",

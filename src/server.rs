@@ -10,7 +10,9 @@ use crate::exchange::State;
 use crate::idle::Lean;
 use crate::metrics::Metrics;
 use crate::proxy::{Gateway, Shared};
-use crate::store::{embedded::EmbeddedStore, memory::MemoryStore, redis::RedisStore, Store};
+use crate::store::{
+    embedded::EmbeddedStore, memory::MemoryStore, redis::RedisStore, sql::SqlStore, Store,
+};
 use async_trait::async_trait;
 use pingora::apps::http_app::HttpServer;
 use pingora::listeners::tls::TlsSettings;
@@ -59,6 +61,9 @@ pub fn open_store(config: &Config) -> Result<Option<Store>, StartError> {
         )),
         StoreKind::Redis(r) => Some(Store::Redis(Box::new(
             RedisStore::new((**r).clone(), config.store.timeout).map_err(StartError::Store)?,
+        ))),
+        StoreKind::Sql(o) => Some(Store::Sql(Box::new(
+            SqlStore::new((**o).clone(), config.store.timeout).map_err(StartError::Store)?,
         ))),
     })
 }
@@ -202,6 +207,14 @@ pub fn run(
     }
     for svc in extra {
         server.add_boxed_service(svc);
+    }
+    if let Some(Store::Sql(_)) = &shared.store {
+        server.add_service(background_service(
+            "gimlet sql cleanup",
+            SqlCleanup {
+                shared: shared.clone(),
+            },
+        ));
     }
     server.add_service(background_service(
         "gimlet reloader",
@@ -349,6 +362,42 @@ fn notify_reload(starting: bool) {
     };
     if let Err(e) = r {
         tracing::warn!(error = %e, "could not tell systemd about the reload");
+    }
+}
+
+/// `store.kind: sql`: delete expired sessions every
+/// `store.sql.cleanup_interval`, in bounded batches.
+struct SqlCleanup {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl BackgroundService for SqlCleanup {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(Store::Sql(store)) = &self.shared.store else {
+            return;
+        };
+        let m = &self.shared.metrics;
+        let mut tick = tokio::time::interval(store.cleanup_interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => match store.cleanup().await {
+                    Ok(n) => {
+                        m.store_cleanups.with_label_values(&["ok"]).inc();
+                        m.store_cleanup_deleted.inc_by(n);
+                        if n > 0 {
+                            tracing::debug!(deleted = n, "sql store: expired sessions deleted");
+                        }
+                    }
+                    Err(e) => {
+                        m.store_cleanups.with_label_values(&["error"]).inc();
+                        tracing::warn!(error = %e, "sql store: cleanup failed; trying again at the next interval");
+                    }
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
     }
 }
 

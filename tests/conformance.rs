@@ -1,5 +1,5 @@
 //! One store conformance suite (issue 11): every backend — memory,
-//! embedded, Redis, Redis Cluster — runs the same table of operations and
+//! embedded, Redis, Redis Cluster, PostgreSQL — runs the same table of operations and
 //! expected results through the `SessionStore` interface the session engine
 //! uses. A new backend is correct when it passes this file.
 
@@ -9,6 +9,7 @@ use gimlet::model::{now_ms, ChannelSet, SessionId};
 use gimlet::store::embedded::EmbeddedStore;
 use gimlet::store::memory::MemoryStore;
 use gimlet::store::redis::{RedisOptions, RedisStore};
+use gimlet::store::sql::{SqlOptions, SqlStore};
 use gimlet::store::{Check, LimitCheck, Refusal, Store, StoreError, StoreKey, WriteBatch};
 use std::time::Duration;
 
@@ -562,4 +563,20 @@ async fn redis_cluster_conforms() {
         ..Default::default()
     });
     conform("redis cluster", s).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_conforms() {
+    let pg = PgServer::start();
+    let s = SqlStore::new(
+        SqlOptions {
+            url: pg.url(),
+            cleanup_interval: Duration::from_secs(60),
+            create_schema: true,
+            pool: 4,
+        },
+        Duration::from_secs(2),
+    )
+    .unwrap();
+    conform("postgres", Store::Sql(Box::new(s))).await;
 }

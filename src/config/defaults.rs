@@ -41,3 +41,8 @@ pub const SAMPLE_RATIO: f64 = 1.0;
 pub const SERVICE_NAME: &str = "gimlet";
 /// `tracing.otlp.timeout`: one export.
 pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `store.sql.cleanup_interval`.
+pub const SQL_CLEANUP_INTERVAL: Duration = Duration::from_secs(60);
+/// `store.sql.pool`: connections per gateway process.
+pub const SQL_POOL: u32 = 16;

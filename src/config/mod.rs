@@ -135,6 +135,7 @@ pub enum StoreKind {
     Memory,
     Embedded(EmbeddedOptions),
     Redis(Box<RedisOptions>),
+    Sql(Box<crate::store::sql::SqlOptions>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -716,7 +717,7 @@ mod tests {
             ("listen:\n  - tls: { cert: a, key: b }\nsession:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "listen[0]: missing field addr (line 2)"),
             ("admin: {}\nsession:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "admin: missing field addr (line 1)"),
             ("session:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n", "routes[0]: missing field upstreams (line 4)"),
-            ("session:\n  secrets: [\"{S}\"]\nstore: { kind: sql }\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "store.kind: expected one of embedded, memory, redis, none, found `sql` (line 3)"),
+            ("session:\n  secrets: [\"{S}\"]\nstore: { kind: mongo }\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "store.kind: expected one of embedded, memory, redis, sql, none, found `mongo` (line 3)"),
             ("session:\n  secrets: [\"{S}\"]\nstore: { kind: memory, on_error: maybe }\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "store.on_error: expected one of fail, degrade, found `maybe` (line 3)"),
             ("session:\n  secrets: [\"{S}\"]\n  cookie: { same_site: lots }\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "session.cookie.same_site: expected one of lax, strict, none, found `lots` (line 3)"),
             ("session:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n    upstreams: [a:1]\n    session: { read: [cart], headers: { X-User: user } }\n", "routes[0].session.headers.X-User: key `user` is not readable on this route (add it to read:) (line 6)"),

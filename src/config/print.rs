@@ -78,6 +78,15 @@ impl Config {
                     "insecure_skip_verify": t.insecure_skip_verify,
                 })),
             }),
+            StoreKind::Sql(o) => json!({
+                "kind": "sql",
+                "url": url(&o.url),
+                "sql": {
+                    "cleanup_interval": dur(o.cleanup_interval),
+                    "create_schema": o.create_schema,
+                    "pool": o.pool,
+                },
+            }),
         };
         let mut store = store;
         store["timeout"] = dur(self.store.timeout).into();

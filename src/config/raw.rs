@@ -176,6 +176,18 @@ pub(super) struct RawTls {
     pub(super) key: Str,
 }
 
+#[derive(schemars::JsonSchema, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawSql {
+    /// How often expired sessions are deleted (default `1m`).
+    pub(super) cleanup_interval: Option<Str>,
+    /// Create the tables and functions at the first connection when
+    /// missing (default true; otherwise `gimlet migrate -c FILE`).
+    pub(super) create_schema: Option<bool>,
+    /// Connections per gateway process (default 16).
+    pub(super) pool: Option<u32>,
+}
+
 #[derive(schemars::JsonSchema, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSentinel {
@@ -292,6 +304,8 @@ pub(super) struct RawStore {
     pub(super) tls: Option<RawRedisTls>,
     /// Find the master through Redis Sentinel (instead of `url`).
     pub(super) sentinel: Option<RawSentinel>,
+    /// `kind: sql` options.
+    pub(super) sql: Option<RawSql>,
     pub(super) cache: Option<usize>,
     pub(super) timeout: Option<Str>,
     pub(super) on_error: Option<Str>,

@@ -9,13 +9,14 @@ use super::{StoreConfig, StoreKind};
 use crate::model::OnError;
 use crate::store::embedded::EmbeddedOptions;
 use crate::store::redis::{RedisOptions, RedisTls, SentinelOptions};
+use crate::store::sql::SqlOptions;
 use std::path::Path;
 
 pub(super) fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreConfig {
     let kind_name = e.choice(
         "store.kind",
         &raw.kind,
-        &["embedded", "memory", "redis", "none"],
+        &["embedded", "memory", "redis", "sql", "none"],
     );
     let only = |e: &mut Errors, field: &str, set: bool, kinds: &str| {
         if set {
@@ -29,8 +30,13 @@ pub(super) fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreC
         only(e, "path", raw.path.is_some(), "embedded");
         only(e, "cache", raw.cache.is_some(), "embedded");
     }
+    if kind_name != "redis" && kind_name != "sql" {
+        only(e, "url", raw.url.is_some(), "redis or sql");
+    }
+    if kind_name != "sql" {
+        only(e, "sql", raw.sql.is_some(), "sql");
+    }
     if kind_name != "redis" {
-        only(e, "url", raw.url.is_some(), "redis");
         only(e, "cluster", raw.cluster.is_some(), "redis");
         only(e, "prefix", raw.prefix.is_some(), "redis");
         only(e, "username", raw.username.is_some(), "redis");
@@ -48,6 +54,7 @@ pub(super) fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreC
                 cache: raw.cache.unwrap_or(defaults::EMBEDDED_CACHE),
             })
         }
+        "sql" => build_sql(raw, base, e),
         _ => {
             let url = e.opt_text("store.url", &raw.url);
             let cluster: Vec<String> = raw
@@ -166,6 +173,46 @@ pub(super) fn build_store(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreC
         timeout,
         on_error,
     }
+}
+
+/// `kind: sql`: a `postgres://` URL (`${ENV}` or `file:` like secrets: it
+/// holds the password) and the `store.sql` section.
+fn build_sql(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreKind {
+    let url = match &raw.url {
+        None => {
+            e.add(
+                "store.url",
+                "kind: sql needs `url` (postgres://user:password@host/db)",
+            );
+            String::new()
+        }
+        Some(u) => read_secret(e, "store.url", u, base).unwrap_or_default(),
+    };
+    if !url.is_empty() {
+        if let Err(m) = crate::store::sql::connect_options(&url) {
+            e.add("store.url", m);
+        }
+    }
+    let sql = raw.sql.as_ref();
+    let none = None;
+    let interval = e.duration(
+        "store.sql.cleanup_interval",
+        sql.map_or(&none, |s| &s.cleanup_interval),
+        defaults::SQL_CLEANUP_INTERVAL,
+    );
+    if interval.is_zero() {
+        e.add("store.sql.cleanup_interval", "must be longer than 0");
+    }
+    let pool = sql.and_then(|s| s.pool).unwrap_or(defaults::SQL_POOL);
+    if pool == 0 {
+        e.add("store.sql.pool", "must be at least 1");
+    }
+    StoreKind::Sql(Box::new(SqlOptions {
+        url,
+        cleanup_interval: interval,
+        create_schema: sql.and_then(|s| s.create_schema).unwrap_or(true),
+        pool,
+    }))
 }
 
 /// `store.tls`: the PEM files are read now, so a missing or unreadable one

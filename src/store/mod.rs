@@ -12,6 +12,7 @@
 pub mod embedded;
 pub mod memory;
 pub mod redis;
+pub mod sql;
 
 use crate::model::{ChannelSet, DirectiveErrorKind, SessionId, CHANNELS};
 use std::collections::BTreeMap;
@@ -408,6 +409,7 @@ pub enum Store {
     Memory(memory::MemoryStore),
     Embedded(embedded::EmbeddedStore),
     Redis(Box<redis::RedisStore>),
+    Sql(Box<sql::SqlStore>),
 }
 
 impl Store {
@@ -416,6 +418,7 @@ impl Store {
             Store::Memory(_) => "memory",
             Store::Embedded(_) => "embedded",
             Store::Redis(_) => "redis",
+            Store::Sql(_) => "sql",
         }
     }
 
@@ -429,6 +432,7 @@ impl Store {
             Store::Memory(s) => s.load(key, mask, check).await,
             Store::Embedded(s) => s.load(key, mask, check).await,
             Store::Redis(s) => s.load(key, mask, check).await,
+            Store::Sql(s) => s.load(key, mask, check).await,
         }
     }
 
@@ -437,6 +441,7 @@ impl Store {
             Store::Memory(s) => s.write(batch).await,
             Store::Embedded(s) => s.write(batch).await,
             Store::Redis(s) => s.write(batch).await,
+            Store::Sql(s) => s.write(batch).await,
         }
     }
 
@@ -471,6 +476,11 @@ impl Store {
                 }
                 Ok(r) => r,
             },
+            // One statement in its own transaction: all of it or none.
+            Store::Sql(s) => match tokio::time::timeout(timeout, s.write(batch)).await {
+                Err(_) => Err(StoreError::Unknown("sql: no answer in time".into())),
+                Ok(r) => r,
+            },
         }
     }
 
@@ -479,6 +489,7 @@ impl Store {
             Store::Memory(s) => s.user_sessions(user).await,
             Store::Embedded(s) => s.user_sessions(user).await,
             Store::Redis(s) => s.user_sessions(user).await,
+            Store::Sql(s) => s.user_sessions(user).await,
         }
     }
 
@@ -491,6 +502,7 @@ impl Store {
             Store::Memory(s) => s.end(sessions, user).await,
             Store::Embedded(s) => s.end(sessions, user).await,
             Store::Redis(s) => s.end(sessions, user).await,
+            Store::Sql(s) => s.end(sessions, user).await,
         }
     }
 
@@ -503,6 +515,7 @@ impl Store {
             Store::Memory(s) => s.inspect(id, tag).await,
             Store::Embedded(s) => s.inspect(id, tag).await,
             Store::Redis(s) => s.inspect(id, tag).await,
+            Store::Sql(s) => s.inspect(id, tag).await,
         }
     }
 
@@ -511,6 +524,7 @@ impl Store {
             Store::Memory(s) => s.ping().await,
             Store::Embedded(s) => s.ping().await,
             Store::Redis(s) => s.ping().await,
+            Store::Sql(s) => s.ping().await,
         }
     }
 }

@@ -1030,3 +1030,185 @@ pub fn proc_status_kb(pid: u32, field: &str) -> u64 {
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
+
+/// A private PostgreSQL server for one test: `initdb` into a temp dir, then
+/// `pg_ctl` on a free loopback port (trust auth, no fsync), so the test can
+/// stop and start it. As root, the server runs as the `postgres` user
+/// (PostgreSQL refuses root).
+pub struct PgServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    running: bool,
+}
+
+/// Debian's server binaries are not on PATH: the newest installed major.
+fn pg_bin(name: &str) -> PathBuf {
+    let mut majors: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
+        .unwrap_or_default();
+    majors.sort();
+    majors
+        .into_iter()
+        .rev()
+        .map(|b| b.join(name))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn as_postgres(bin: &str) -> Command {
+    let root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(pg_bin(bin));
+        c
+    } else {
+        Command::new(pg_bin(bin))
+    }
+}
+
+impl PgServer {
+    pub fn start() -> PgServer {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let root = std::fs::metadata("/proc/self")
+            .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+            .unwrap_or(false);
+        if root {
+            let ok = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "chown the data dir to postgres");
+        }
+        let out = as_postgres("initdb")
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "-D",
+            ])
+            .arg(&data)
+            .output()
+            .expect("initdb is installed (make deps: postgresql)");
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut p = PgServer {
+            port: free_port(),
+            dir,
+            running: false,
+        };
+        p.restart();
+        p
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        assert!(!self.running, "already running");
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off \
+             -c full_page_writes=off -c shared_preload_libraries=pg_stat_statements \
+             -c pg_stat_statements.track=top -c max_connections=200",
+            self.port,
+            self.dir.path().display()
+        );
+        let out = as_postgres("pg_ctl")
+            .args(["-w", "-t", "30", "-l"])
+            .arg(self.dir.path().join("log"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-o", &opts, "start"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl start: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            std::fs::read_to_string(self.dir.path().join("log")).unwrap_or_default()
+        );
+        self.running = true;
+    }
+
+    /// Stop at once (no shutdown checkpoint): like a crash, connections cut.
+    pub fn kill(&mut self) {
+        if !self.running {
+            return;
+        }
+        let _ = as_postgres("pg_ctl")
+            .args(["-w", "-m", "immediate", "-D"])
+            .arg(self.dir.path().join("data"))
+            .arg("stop")
+            .output();
+        self.running = false;
+    }
+
+    /// One statement through psql; its unaligned, tuples-only output.
+    pub fn psql(&self, sql: &str) -> String {
+        let out = Command::new("psql")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args([
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-At",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-c",
+                sql,
+            ])
+            .output()
+            .expect("psql is installed (make deps: postgresql-client)");
+        assert!(
+            out.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// Statements the server ran since the last reset, by query text
+    /// (`pg_stat_statements`, top-level only), the test's own psql calls
+    /// left out.
+    pub fn statements(&self) -> BTreeMap<String, u64> {
+        self.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements");
+        self.psql(
+            "SELECT calls, query FROM pg_stat_statements \
+             WHERE query NOT ILIKE '%pg_stat_statements%' AND query NOT ILIKE 'CREATE EXTENSION%'",
+        )
+        .lines()
+        .filter_map(|l| l.split_once('|'))
+        .map(|(n, q)| (q.to_string(), n.parse().unwrap_or(0)))
+        .fold(BTreeMap::new(), |mut m, (q, n)| {
+            *m.entry(q).or_insert(0) += n;
+            m
+        })
+    }
+
+    pub fn reset_statements(&self) {
+        self.psql("CREATE EXTENSION IF NOT EXISTS pg_stat_statements");
+        self.psql("SELECT pg_stat_statements_reset()");
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
