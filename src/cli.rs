@@ -43,9 +43,10 @@ enum Command {
         /// The YAML config file.
         #[arg(short, long, value_name = "FILE", required_unless_present = "print")]
         config: Option<PathBuf>,
-        /// Print the schema's SQL instead of applying it.
-        #[arg(long)]
-        print: bool,
+        /// Print the schema's SQL for `postgres` (the default) or `mysql`
+        /// (MySQL and MariaDB) instead of applying it.
+        #[arg(long, value_name = "DIALECT", num_args = 0..=1, default_missing_value = "postgres")]
+        print: Option<SchemaDialect>,
     },
     /// Print a new random secret for `session.secrets`.
     Keygen,
@@ -83,6 +84,12 @@ enum Command {
         #[command(subcommand)]
         op: SessionsOp,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SchemaDialect {
+    Postgres,
+    Mysql,
 }
 
 #[derive(Subcommand)]
@@ -434,10 +441,24 @@ fn http_call(
     })
 }
 
+/// A runtime for one command's store calls (`None`: said why on stderr).
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| eprintln!("cannot start a runtime: {e}"))
+        .ok()
+}
+
 /// `gimlet migrate`: the SQL schema applied (or printed).
-fn migrate(file: Option<PathBuf>, print: bool) -> i32 {
-    if print {
-        print!("{}", crate::store::sql::SCHEMA.trim_start());
+fn migrate(file: Option<PathBuf>, print: Option<SchemaDialect>) -> i32 {
+    use crate::store::sql::Dialect;
+    if let Some(d) = print {
+        let d = match d {
+            SchemaDialect::Postgres => Dialect::Postgres,
+            SchemaDialect::Mysql => Dialect::Mysql,
+        };
+        print!("{}", d.schema());
         return 0;
     }
     let Some(file) = file else { return 2 };
@@ -465,16 +486,7 @@ fn migrate(file: Option<PathBuf>, print: bool) -> i32 {
             return 1;
         }
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start a runtime: {e}");
-            return 1;
-        }
-    };
+    let Some(rt) = runtime() else { return 1 };
     match rt.block_on(store.migrate()) {
         Ok(()) => {
             println!("{}: schema up to date", file.display());
@@ -502,16 +514,7 @@ fn check(file: &std::path::Path, connect: bool, print: bool) -> i32 {
         }
     }
     if connect {
-        let rt = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                eprintln!("cannot start a runtime: {e}");
-                return 1;
-            }
-        };
+        let Some(rt) = runtime() else { return 1 };
         let result = rt.block_on(async {
             if let crate::config::StoreKind::Embedded(o) = &c.store.kind {
                 return check_embedded(&o.path);

@@ -1,5 +1,5 @@
 //! One store conformance suite (issue 11): every backend — memory,
-//! embedded, Redis, Redis Cluster, PostgreSQL — runs the same table of operations and
+//! embedded, Redis, Redis Cluster, PostgreSQL, MariaDB — runs the same table of operations and
 //! expected results through the `SessionStore` interface the session engine
 //! uses. A new backend is correct when it passes this file.
 
@@ -246,6 +246,80 @@ fn cases() -> Vec<Case> {
             limits: Some((3, 1000, 2, 2)),
             expect: Err("too_many_keys"),
             after: &[(0, "a", "1"), (0, "b", "1")],
+        },
+        Case {
+            name: "values with quotes, backslashes, unicode and newlines round-trip",
+            before: &[],
+            write: &[
+                Set(0, "q", "it's \"quoted\" \\ back\\slash"),
+                Set(0, "u", "caf\u{e9} \u{1f600} \u{0}x"),
+                Set(1, "nl", "a\nb\r\n"),
+                Set(1, "sql", "'; DROP TABLE gimlet_data; --"),
+                Set(2, "json", "{\"a\":[1,null]}"),
+            ],
+            limits: NO_LIMITS,
+            expect: Ok(()),
+            after: &[
+                (0, "q", "it's \"quoted\" \\ back\\slash"),
+                (0, "u", "caf\u{e9} \u{1f600} \u{0}x"),
+                (1, "nl", "a\nb\r\n"),
+                (1, "sql", "'; DROP TABLE gimlet_data; --"),
+                (2, "json", "{\"a\":[1,null]}"),
+            ],
+        },
+        Case {
+            name: "keys differ by case",
+            before: &[Set(0, "a", "lower")],
+            write: &[Set(0, "A", "upper"), Del(0, "a")],
+            limits: NO_LIMITS,
+            expect: Ok(()),
+            after: &[(0, "A", "upper")],
+        },
+        Case {
+            name: "limits: bytes are UTF-8 bytes, not characters",
+            before: &[],
+            write: &[Set(0, "k", "\u{e9}\u{e9}")],
+            limits: Some((10, 4, 0, 0)),
+            expect: Err("session_too_large"),
+            after: &[],
+        },
+        Case {
+            name: "incr of an integer with leading zeros",
+            before: &[Set(0, "n", "-0007")],
+            write: &[Incr(0, "n", 10)],
+            limits: NO_LIMITS,
+            expect: Ok(()),
+            after: &[(0, "n", "3")],
+        },
+        Case {
+            name: "incr of a number past 64 bits is not an integer",
+            before: &[
+                Set(0, "n", "99999999999999999999"),
+                Set(0, "z", "00000000000000000000001"),
+            ],
+            write: &[Incr(0, "z", 1), Incr(0, "n", 1)],
+            limits: NO_LIMITS,
+            expect: Err("not_integer"),
+            after: &[
+                (0, "n", "99999999999999999999"),
+                (0, "z", "00000000000000000000001"),
+            ],
+        },
+        Case {
+            name: "incr of an integer with a trailing newline is not an integer",
+            before: &[Set(0, "n", "5\n")],
+            write: &[Incr(0, "n", 1)],
+            limits: NO_LIMITS,
+            expect: Err("not_integer"),
+            after: &[(0, "n", "5\n")],
+        },
+        Case {
+            name: "incr of +5 or an empty value is not an integer",
+            before: &[Set(0, "p", "+5"), Set(0, "e", "")],
+            write: &[Incr(0, "e", 1)],
+            limits: NO_LIMITS,
+            expect: Err("not_integer"),
+            after: &[(0, "e", ""), (0, "p", "+5")],
         },
         Case {
             name: "everything deleted: an empty session",
@@ -509,12 +583,105 @@ async fn run_lifecycle(name: &str, s: &Store) {
     );
 }
 
+/// Writes racing each other on one session, run concurrently: a store
+/// serializes them so each sees what the others did.
+async fn run_races(name: &str, s: std::sync::Arc<Store>) {
+    // Eight Regenerates of one session (a login submitted eight times):
+    // one wins; the others are told where the session went; the data
+    // moved once, to the winner.
+    let old = key();
+    s.write(&batch(old, &[Set(0, "user", "alice")], in_an_hour()))
+        .await
+        .unwrap();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let s = s.clone();
+        set.spawn(async move {
+            let new = StoreKey {
+                id: SessionId::random(),
+                tag: old.tag,
+            };
+            let mut b = batch(new, &[Set(0, "n", "1")], in_an_hour());
+            b.rename_from = Some(old.id);
+            b.forward = Some((format!("gimlet=cookie-{i}"), now_ms() + 60_000));
+            b.end = vec![(old.id, in_an_hour())];
+            b.check_moved = true;
+            b.check_ended = true;
+            (i, new, s.write(&b).await)
+        });
+    }
+    let mut won = Vec::new();
+    let mut told = Vec::new();
+    let mut ids = Vec::new();
+    while let Some(r) = set.join_next().await {
+        let (i, new, r) = r.unwrap();
+        ids.push((i, new));
+        match r {
+            Ok(_) => won.push(i),
+            Err(StoreError::Rejected(Refusal::Moved(c))) => told.push(c),
+            other => panic!("{name}: a racing regenerate: {other:?}"),
+        }
+    }
+    assert_eq!(won.len(), 1, "{name}: regenerates that won: {won:?}");
+    let winner = format!("gimlet=cookie-{}", won[0]);
+    assert!(told.iter().all(|c| *c == winner), "{name}: {told:?}");
+    for (i, new) in ids {
+        let want = if i == won[0] {
+            vec![
+                (0, "n".to_string(), "1".to_string()),
+                (0, "user".to_string(), "alice".to_string()),
+            ]
+        } else {
+            vec![]
+        };
+        assert_eq!(contents(&s, &new).await, want, "{name}: regenerate {i}");
+    }
+    assert_eq!(contents(&s, &old).await, vec![], "{name}: the old id");
+
+    // Writes racing a logout: each lands before it (and is deleted with
+    // the session) or is refused after it; nothing is left afterwards.
+    let k = key();
+    s.write(&batch(k, &[Set(0, "user", "bob")], in_an_hour()))
+        .await
+        .unwrap();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..8 {
+        let s = s.clone();
+        set.spawn(async move {
+            if i == 4 {
+                let mut d = WriteBatch::new(k, 0);
+                d.destroy = Some(k);
+                d.end = vec![(k.id, in_an_hour())];
+                return s.write(&d).await.map(|_| ());
+            }
+            let key = format!("k{i}");
+            let mut b = WriteBatch::new(k, in_an_hour());
+            b.channels[0].set = vec![(key, "1".into())];
+            b.check_ended = true;
+            s.write(&b).await.map(|_| ())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        match r.unwrap() {
+            Ok(()) | Err(StoreError::Rejected(Refusal::Ended)) => {}
+            other => panic!("{name}: a write racing a logout: {other:?}"),
+        }
+    }
+    assert_eq!(
+        contents(&s, &k).await,
+        vec![],
+        "{name}: a write outlived the logout"
+    );
+    assert!(ended(&s, &k).await, "{name}");
+}
+
 async fn conform(name: &str, s: Store) {
     s.ping()
         .await
         .unwrap_or_else(|e| panic!("{name}: ping: {e}"));
     run_table(name, &s).await;
     run_lifecycle(name, &s).await;
+    run_races(name, std::sync::Arc::new(s)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -565,12 +732,10 @@ async fn redis_cluster_conforms() {
     conform("redis cluster", s).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn postgres_conforms() {
-    let pg = PgServer::start();
+fn sql_store(url: String) -> Store {
     let s = SqlStore::new(
         SqlOptions {
-            url: pg.url(),
+            url,
             cleanup_interval: Duration::from_secs(60),
             create_schema: true,
             pool: 4,
@@ -578,5 +743,17 @@ async fn postgres_conforms() {
         Duration::from_secs(2),
     )
     .unwrap();
-    conform("postgres", Store::Sql(Box::new(s))).await;
+    Store::Sql(Box::new(s))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_conforms() {
+    let pg = PgServer::start();
+    conform("postgres", sql_store(pg.url())).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mariadb_conforms() {
+    let m = MariaServer::start();
+    conform("mariadb", sql_store(m.url())).await;
 }

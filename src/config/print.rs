@@ -31,6 +31,18 @@ fn policy(p: &Policy) -> Value {
 
 /// A Redis URL without its password.
 fn url(u: &str) -> String {
+    // A password may also ride in the query (`?password=`, libpq style).
+    if let Some(q) = u.find('?') {
+        let (base, query) = (&u[..q], &u[q + 1..]);
+        let query: Vec<String> = query
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}={REDACTED}"),
+                _ => p.to_string(),
+            })
+            .collect();
+        return format!("{}?{}", url(base), query.join("&"));
+    }
     match (u.find("://"), u.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
             let userinfo = &u[s + 3..at];
@@ -197,5 +209,9 @@ mod tests {
         assert_eq!(url("rediss://u:pw@h"), "rediss://u:<redacted>@h");
         assert_eq!(url("redis://tok@h"), "redis://<redacted>@h");
         assert_eq!(url("redis://h:1"), "redis://h:1");
+        assert_eq!(
+            url("postgres://u:pw@h/db?sslmode=require&password=pw2"),
+            "postgres://u:<redacted>@h/db?sslmode=require&password=<redacted>"
+        );
     }
 }

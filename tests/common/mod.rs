@@ -1212,3 +1212,129 @@ impl Drop for PgServer {
         self.kill();
     }
 }
+
+/// A private MariaDB server for one test: `mariadb-install-db` into a temp
+/// dir, then `mariadbd` on a free loopback port with a database `gimlet`,
+/// root without a password; the test can kill and restart it.
+pub struct MariaServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl MariaServer {
+    pub fn start() -> MariaServer {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mariadb-install-db")
+            .args(["--no-defaults", "--auth-root-authentication-method=normal"])
+            .args(["--skip-test-db", "--user=root"])
+            .arg(format!("--datadir={}", dir.path().join("data").display()))
+            .output()
+            .expect("mariadb-install-db is installed (make deps: mariadb-server)");
+        assert!(
+            out.status.success(),
+            "mariadb-install-db: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut m = MariaServer {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        m.restart();
+        m.sql("CREATE DATABASE IF NOT EXISTS gimlet");
+        m
+    }
+
+    pub fn url(&self) -> String {
+        format!("mysql://root@127.0.0.1:{}/gimlet", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let d = self.dir.path();
+        let child = Command::new("mariadbd")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", d.join("data").display()))
+            .arg(format!("--socket={}", d.join("sock").display()))
+            .arg(format!("--pid-file={}", d.join("pid").display()))
+            .arg(format!("--port={}", self.port))
+            .args(["--bind-address=127.0.0.1", "--user=root", "--skip-log-bin"])
+            .args(["--skip-name-resolve", "--innodb-buffer-pool-size=64M"])
+            .args([
+                "--innodb-flush-log-at-trx-commit=2",
+                "--max-connections=300",
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("log")).unwrap())
+            .spawn()
+            .expect("mariadbd is installed (make deps: mariadb-server)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.try_sql("SELECT 1").is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "mariadbd did not start: {}",
+                std::fs::read_to_string(d.join("log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: connections cut, committed data kept.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn try_sql(&self, sql: &str) -> Option<String> {
+        let out = Command::new("mariadb")
+            .args(["--no-defaults", "-h127.0.0.1", "-uroot", "-N", "-B"])
+            .arg(format!("-P{}", self.port))
+            .args(["-e", sql])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// One statement through the mariadb client, in database `gimlet`
+    /// once it exists; its tab-separated output.
+    pub fn sql(&self, sql: &str) -> String {
+        let full = if sql.starts_with("CREATE DATABASE") {
+            sql.to_string()
+        } else {
+            format!("USE gimlet; {sql}")
+        };
+        self.try_sql(&full)
+            .unwrap_or_else(|| panic!("mariadb: {sql} failed"))
+    }
+
+    /// Prepared statements executed by clients (the gateway's queries;
+    /// the mariadb client's own go as plain queries and are not counted).
+    pub fn executes(&self) -> u64 {
+        self.status("Com_stmt_execute")
+    }
+
+    /// `CALL`s run (the gateway's writes and cleanups).
+    pub fn calls(&self) -> u64 {
+        self.status("Com_call_procedure")
+    }
+
+    fn status(&self, name: &str) -> u64 {
+        self.sql(&format!("SHOW GLOBAL STATUS LIKE '{name}'"))
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for MariaServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
