@@ -673,6 +673,55 @@ async fn run_races(name: &str, s: std::sync::Arc<Store>) {
         "{name}: a write outlived the logout"
     );
     assert!(ended(&s, &k).await, "{name}");
+
+    // Writers of different sessions, and sessions joining one user's
+    // index, all at once: none waits for or fails because of another
+    // (no table-wide locks, no deadlocks).
+    let mut set = tokio::task::JoinSet::new();
+    let alice = gimlet::store::user_hash("alice");
+    for i in 0..8u8 {
+        let (s, alice) = (s.clone(), alice.clone());
+        set.spawn(async move {
+            let k = key();
+            for j in 0..25 {
+                let mut b = batch(k, &[Set(0, "n", "1"), Incr(0, "c", 1)], in_an_hour());
+                b.channels[1].set = vec![(format!("t{j}"), "x".into())];
+                if j == 0 {
+                    b.users = vec![gimlet::store::UserWrite::Join {
+                        user: alice.clone(),
+                        entry: gimlet::store::UserSession {
+                            id: k.id.hex(),
+                            tag: k.tag,
+                            created: now_ms() + u64::from(i),
+                            seen: now_ms(),
+                            expires: in_an_hour(),
+                            ip: None,
+                            user_agent: None,
+                        },
+                        replaces: None,
+                        max: Some(20),
+                    }];
+                }
+                s.write(&b)
+                    .await
+                    .map_err(|e| format!("session {i}, write {j}: {e}"))?;
+            }
+            Ok::<_, String>(k)
+        });
+    }
+    let mut keys = Vec::new();
+    while let Some(r) = set.join_next().await {
+        keys.push(r.unwrap().unwrap_or_else(|e| panic!("{name}: {e}")));
+    }
+    for k in &keys {
+        let got = contents(&s, k).await;
+        assert_eq!(got.len(), 27, "{name}: {got:?}");
+        assert!(
+            got.contains(&(0, "c".into(), "25".into())),
+            "{name}: {got:?}"
+        );
+    }
+    assert_eq!(s.user_sessions(&alice).await.unwrap().len(), 8, "{name}");
 }
 
 async fn conform(name: &str, s: Store) {

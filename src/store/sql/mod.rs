@@ -96,7 +96,13 @@ pub fn mysql_statements() -> Vec<(Option<&'static str>, &'static str)> {
                 .any(|l| !l.starts_with("--") && !l.trim().is_empty())
         })
         .map(|s| {
-            let body = s.trim_start_matches(|c: char| c != 'C');
+            // The statement starts after its leading comment lines.
+            let start = s
+                .lines()
+                .take_while(|l| l.starts_with("--") || l.trim().is_empty())
+                .map(|l| l.len() + 1)
+                .sum::<usize>();
+            let body = &s[start.min(s.len())..];
             let name = ["CREATE PROCEDURE ", "CREATE FUNCTION "]
                 .iter()
                 .find_map(|p| body.strip_prefix(p))
@@ -162,10 +168,10 @@ SELECT -1::int8, CASE WHEN m.ended_until > gimlet_now() THEN '1' END, \
 /// parameters: the id twice).
 const MY_LOAD: &str = "\
 SELECT CAST(d.ch AS SIGNED), d.name, d.value FROM gimlet_sessions s JOIN gimlet_data d ON d.id = s.id \
- WHERE s.id = ? AND s.expires > gimlet_now() AND ((1 << d.ch) & ?) <> 0 \
+ WHERE s.id = ? AND s.expires > CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED) AND ((1 << d.ch) & ?) <> 0 \
 UNION ALL \
-SELECT -1, CASE WHEN m.ended_until > gimlet_now() THEN '1' END, \
-       CASE WHEN m.forward_until > gimlet_now() THEN m.forward END \
+SELECT -1, CASE WHEN m.ended_until > CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED) THEN '1' END, \
+       CASE WHEN m.forward_until > CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED) THEN m.forward END \
  FROM gimlet_marks m WHERE m.id = ? AND ?";
 
 const PG_USERS: &str = "\
@@ -173,8 +179,8 @@ SELECT g.entry FROM gimlet_users g WHERE g.uh = $1 AND g.expires > gimlet_now() 
  AND NOT EXISTS (SELECT 1 FROM gimlet_marks m WHERE m.id = g.id AND m.ended_until > gimlet_now()) \
  ORDER BY g.id COLLATE \"C\"";
 const MY_USERS: &str = "\
-SELECT g.entry FROM gimlet_users g WHERE g.uh = ? AND g.expires > gimlet_now() \
- AND NOT EXISTS (SELECT 1 FROM gimlet_marks m WHERE m.id = g.id AND m.ended_until > gimlet_now()) \
+SELECT g.entry FROM gimlet_users g WHERE g.uh = ? AND g.expires > CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED) \
+ AND NOT EXISTS (SELECT 1 FROM gimlet_marks m WHERE m.id = g.id AND m.ended_until > CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)) \
  ORDER BY g.id";
 
 const PG_INSPECT: &str = "\
@@ -182,11 +188,11 @@ SELECT s.tag, s.expires, d.ch::int8, d.name FROM gimlet_sessions s JOIN gimlet_d
  WHERE s.id = $1 AND s.expires > gimlet_now() ORDER BY d.ch, d.name COLLATE \"C\"";
 const MY_INSPECT: &str = "\
 SELECT s.tag, s.expires, CAST(d.ch AS SIGNED), d.name FROM gimlet_sessions s JOIN gimlet_data d ON d.id = s.id \
- WHERE s.id = ? AND s.expires > gimlet_now() ORDER BY d.ch, d.name";
+ WHERE s.id = ? AND s.expires > CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED) ORDER BY d.ch, d.name";
 const PG_ENDED: &str =
     "SELECT EXISTS (SELECT 1 FROM gimlet_marks WHERE id = $1 AND ended_until > gimlet_now())";
 const MY_ENDED: &str =
-    "SELECT EXISTS (SELECT 1 FROM gimlet_marks WHERE id = ? AND ended_until > gimlet_now())";
+    "SELECT EXISTS (SELECT 1 FROM gimlet_marks WHERE id = ? AND ended_until > CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED))";
 
 #[derive(Clone)]
 enum Pool {
@@ -258,6 +264,11 @@ fn connection_lost(e: &sqlx::Error) -> bool {
 fn unavailable(e: sqlx::Error) -> StoreError {
     match e {
         sqlx::Error::PoolTimedOut => StoreError::Timeout,
+        sqlx::Error::Database(d)
+            if matches!(d.code().as_deref(), Some("40001") | Some("40P01")) =>
+        {
+            StoreError::Unavailable(format!("{DEADLOCK}: {}", d.message()))
+        }
         sqlx::Error::Database(d) => StoreError::Unavailable(format!("sql: {}", d.message())),
         e => StoreError::Unavailable(format!("sql: {e}")),
     }
@@ -316,6 +327,11 @@ impl SqlStore {
                     self.pool_options()
                         .after_connect(move |c, _| {
                             Box::pin(async move {
+                                // The clock in ms is UNIX_TIMESTAMP(NOW(3)):
+                                // in UTC, no hour repeats.
+                                sqlx::query("SET time_zone = '+00:00'")
+                                    .execute(&mut *c)
+                                    .await?;
                                 sqlx::query("SET SESSION innodb_lock_wait_timeout = ?")
                                     .bind(secs)
                                     .execute(&mut *c)
@@ -490,7 +506,7 @@ impl SqlStore {
                         }
                     };
                     json!({
-                        "clear": w.clear,
+                        "clear": u8::from(w.clear),
                         "del": w.delete,
                         "set": set,
                         "incr": w.incr,
@@ -550,9 +566,11 @@ impl SqlStore {
             "destroy": b.destroy.map(|d| d.id.hex()),
             "rename": b.rename_from.map(|r| r.hex()),
             "carried": b.carried().hex(),
-            "donly": b.destroy_only(),
-            "ce": b.check_ended && !b.destroy_only(),
-            "cm": b.check_moved,
+            // Flags as 0/1: MySQL's JSON_VALUE answers true as "true",
+            // MariaDB's as 1; PostgreSQL casts either.
+            "donly": u8::from(b.destroy_only()),
+            "ce": u8::from(b.check_ended && !b.destroy_only()),
+            "cm": u8::from(b.check_moved),
             "ch": ch,
             "lim": b.limits.map(|l| json!([l.max_keys, l.max_bytes, l.client_keys, l.client_bytes])),
             "end": b.end.iter().map(|(id, until)| json!([id.hex(), until.min(&(i64::MAX as u64))])).collect::<Vec<_>>(),
@@ -689,82 +707,19 @@ fn utf8(v: Vec<u8>) -> Result<String, StoreError> {
         .map_err(|_| StoreError::Unavailable("sql: a stored value is not UTF-8".into()))
 }
 
+/// The start of a deadlock victim's error (SQLSTATE 40001 or 40P01): see
+/// [`unavailable`].
+const DEADLOCK: &str = "sql: deadlock";
+
 /// What a write statement answered.
 enum Outcome {
     Evicted(Vec<String>),
     Refused(Refusal),
 }
 
-impl SessionStore for SqlStore {
-    async fn load(
-        &self,
-        key: &StoreKey,
-        mask: ChannelSet,
-        check: Check,
-    ) -> Result<Read, StoreError> {
-        let chans: Vec<i16> = CHANNELS
-            .iter()
-            .filter(|ch| mask.contains(**ch))
-            .map(|ch| ch.index() as i16)
-            .collect();
-        let mut out = Read::default();
-        if chans.is_empty() && !check.ended && !check.moved {
-            return Ok(out);
-        }
-        let bits: i64 = chans.iter().map(|c| 1i64 << c).sum();
-        let id = key.id.hex();
-        let marks = check.ended || check.moved;
-        let rows: Vec<(i64, Option<String>, Option<Vec<u8>>)> = self
-            .run(true, |conn| {
-                let (id, chans) = (&id, &chans);
-                async move {
-                    match conn {
-                        Conn::Postgres(mut p) => {
-                            sqlx::query_as(PG_LOAD)
-                                .bind(id)
-                                .bind(chans)
-                                .bind(marks)
-                                .fetch_all(&mut *p)
-                                .await
-                        }
-                        Conn::Mysql(mut p) => {
-                            sqlx::query_as(MY_LOAD)
-                                .bind(id)
-                                .bind(bits)
-                                .bind(id)
-                                .bind(marks)
-                                .fetch_all(&mut *p)
-                                .await
-                        }
-                    }
-                }
-            })
-            .await?
-            .map_err(unavailable)?;
-        for &c in &chans {
-            out.channels[c as usize] = Some(BTreeMap::new());
-        }
-        for (ch, name, value) in rows {
-            match ch {
-                -1 => {
-                    out.ended = check.ended && name.is_some();
-                    out.moved = value.filter(|_| check.moved).map(utf8).transpose()?;
-                }
-                0..=3 => {
-                    if let (Some(m), Some(n), Some(v)) =
-                        (out.channels[ch as usize].as_mut(), name, value)
-                    {
-                        m.insert(n, utf8(v)?);
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(out)
-    }
-
-    async fn write(&self, b: &WriteBatch) -> Result<Written, StoreError> {
-        let arg = Self::batch_json(b, self.dialect()).to_string();
+impl SqlStore {
+    /// One try of a write (see `write`).
+    async fn write_once(&self, b: &WriteBatch, arg: &str) -> Result<Written, StoreError> {
         let sent = self
             .run(false, |conn| {
                 let arg = &arg;
@@ -838,6 +793,90 @@ impl SessionStore for SqlStore {
             // Sent, and then the connection went or the answer made no
             // sense: applied or not.
             Err(e) => Err(StoreError::Unknown(format!("sql: {e}"))),
+        }
+    }
+}
+
+impl SessionStore for SqlStore {
+    async fn load(
+        &self,
+        key: &StoreKey,
+        mask: ChannelSet,
+        check: Check,
+    ) -> Result<Read, StoreError> {
+        let chans: Vec<i16> = CHANNELS
+            .iter()
+            .filter(|ch| mask.contains(**ch))
+            .map(|ch| ch.index() as i16)
+            .collect();
+        let mut out = Read::default();
+        if chans.is_empty() && !check.ended && !check.moved {
+            return Ok(out);
+        }
+        let bits: i64 = chans.iter().map(|c| 1i64 << c).sum();
+        let id = key.id.hex();
+        let marks = check.ended || check.moved;
+        let rows: Vec<(i64, Option<String>, Option<Vec<u8>>)> = self
+            .run(true, |conn| {
+                let (id, chans) = (&id, &chans);
+                async move {
+                    match conn {
+                        Conn::Postgres(mut p) => {
+                            sqlx::query_as(PG_LOAD)
+                                .bind(id)
+                                .bind(chans)
+                                .bind(marks)
+                                .fetch_all(&mut *p)
+                                .await
+                        }
+                        Conn::Mysql(mut p) => {
+                            sqlx::query_as(MY_LOAD)
+                                .bind(id)
+                                .bind(bits)
+                                .bind(id)
+                                .bind(marks)
+                                .fetch_all(&mut *p)
+                                .await
+                        }
+                    }
+                }
+            })
+            .await?
+            .map_err(unavailable)?;
+        for &c in &chans {
+            out.channels[c as usize] = Some(BTreeMap::new());
+        }
+        for (ch, name, value) in rows {
+            match ch {
+                -1 => {
+                    out.ended = check.ended && name.is_some();
+                    out.moved = value.filter(|_| check.moved).map(utf8).transpose()?;
+                }
+                0..=3 => {
+                    if let (Some(m), Some(n), Some(v)) =
+                        (out.channels[ch as usize].as_mut(), name, value)
+                    {
+                        m.insert(n, utf8(v)?);
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    async fn write(&self, b: &WriteBatch) -> Result<Written, StoreError> {
+        let arg = Self::batch_json(b, self.dialect()).to_string();
+        // A deadlock victim was rolled back whole: run it again (twice at
+        // most; the lock order makes deadlocks rare).
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let r = self.write_once(b, &arg).await;
+            match &r {
+                Err(StoreError::Unavailable(m)) if tries < 3 && m.starts_with(DEADLOCK) => continue,
+                _ => return r,
+            }
         }
     }
 
@@ -979,5 +1018,50 @@ impl SessionStore for SqlStore {
         })
         .await?
         .map_err(unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mysql_schema_splits_into_its_statements() {
+        let all = mysql_statements();
+        let routines: Vec<&str> = all.iter().filter_map(|(r, _)| *r).collect();
+        assert_eq!(
+            routines,
+            ["gimlet_write_v1", "gimlet_end_v1", "gimlet_cleanup_v1"]
+        );
+        let tables = all
+            .iter()
+            .filter(|(_, s)| s.starts_with("CREATE TABLE IF NOT EXISTS"))
+            .count();
+        assert_eq!(tables, 5);
+        assert_eq!(all.len(), 8);
+        // No statement holds the separator, none starts with a comment.
+        assert!(all
+            .iter()
+            .all(|(_, s)| !s.contains("\n//\n") && s.starts_with("CREATE")));
+    }
+
+    #[test]
+    fn urls_are_checked_without_repeating_the_password() {
+        for url in [
+            "postgres://u:hunter2@h/db",
+            "postgresql://u:hunter2@h:5433/db?sslmode=require",
+            "mysql://u:hunter2@h:3306/db",
+            "mariadb://u:hunter2@h/db",
+        ] {
+            assert!(connect_options(url).is_ok(), "{url}");
+        }
+        for url in [
+            "redis://:hunter2@h",
+            "postgres://u:hunter2@h:99999/db",
+            "mysql://u:hunter2@h:x/db",
+        ] {
+            let e = connect_options(url).err().unwrap_or_default();
+            assert!(!e.is_empty() && !e.contains("hunter2"), "{url}: {e}");
+        }
     }
 }
