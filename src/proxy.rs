@@ -762,8 +762,23 @@ impl ProxyHttp for Gateway {
         let route = ctx
             .route()
             .ok_or_else(|| Error::explain(InternalError, "no route"))?;
-        let addr = route.pick();
-        let mut peer = HttpPeer::new(addr, false, String::new());
+        let (addr, sni) = route.pick();
+        let mut peer = match &route.tls {
+            None => HttpPeer::new(addr, false, String::new()),
+            Some(t) => {
+                let mut p = HttpPeer::new(addr, true, sni.to_string());
+                p.options.ca = t.ca.clone();
+                p.client_cert_key = t.client.clone();
+                p.options.verify_cert = t.verify;
+                p.options.verify_hostname = t.verify;
+                p
+            }
+        };
+        if route.cfg.h2 {
+            // Over TLS: ALPN h2, else HTTP/1.1; over TCP: h2c.
+            peer.options
+                .set_http_version(2, if route.tls.is_some() { 1 } else { 2 });
+        }
         peer.options.connection_timeout = Some(route.cfg.connect_timeout);
         peer.options.read_timeout = Some(route.cfg.read_timeout);
         ctx.peer = Some(addr);
@@ -975,8 +990,18 @@ impl ProxyHttp for Gateway {
         let a = match ctx.answer.take() {
             Some(a) => a,
             None => {
-                // The error type and where it came from, never its context text.
-                tracing::error!(route = ctx.route_name(), peer = ?ctx.peer, status = code, error = e.etype().as_str(), source = e.esource().as_str(), "failed to proxy");
+                // The error type and where it came from, never its context
+                // text (it may quote the request) — except a TLS failure's,
+                // which is the handshake's own words (an unknown issuer, a
+                // name the certificate is not valid for) and the SNI.
+                if matches!(
+                    e.etype(),
+                    pingora::ErrorType::TLSHandshakeFailure | pingora::ErrorType::InvalidCert
+                ) {
+                    tracing::error!(route = ctx.route_name(), peer = ?ctx.peer, status = code, error = e.etype().as_str(), source = e.esource().as_str(), why = %e, "failed to proxy: upstream TLS");
+                } else {
+                    tracing::error!(route = ctx.route_name(), peer = ?ctx.peer, status = code, error = e.etype().as_str(), source = e.esource().as_str(), "failed to proxy");
+                }
                 LocalAnswer::text(code, failure_body(code))
             }
         };

@@ -1,5 +1,7 @@
 //! Routing: host (exact, `*.suffix`, or any) and the longest path prefix on a
-//! segment boundary; round robin over each route's upstream addresses.
+//! segment boundary; round robin over each route's upstream addresses; the
+//! upstreams' TLS material, in the form pingora's connector takes, built once
+//! per config load.
 
 use crate::config::RouteConfig;
 use crate::headers::folded;
@@ -8,17 +10,75 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub struct Route {
     pub cfg: RouteConfig,
-    pub upstreams: Vec<SocketAddr>,
+    /// Each upstream's address and the name TLS sends and verifies (its
+    /// host, or `upstream_tls.sni`).
+    pub upstreams: Vec<(SocketAddr, String)>,
+    /// TLS to the upstreams (`https://` or `upstream_tls`).
+    pub tls: Option<PeerTls>,
     next: AtomicUsize,
     /// This route's metric series, resolved on its first request.
     pub metrics: std::sync::OnceLock<crate::metrics::RouteMetrics>,
 }
 
 impl Route {
-    /// The next upstream, round robin.
-    pub fn pick(&self) -> SocketAddr {
+    /// The next upstream, round robin: its address and TLS name.
+    pub fn pick(&self) -> (SocketAddr, &str) {
         let i = self.next.fetch_add(1, Ordering::Relaxed);
-        self.upstreams[i % self.upstreams.len()]
+        let (addr, sni) = &self.upstreams[i % self.upstreams.len()];
+        (*addr, sni)
+    }
+}
+
+/// A route's upstream TLS, parsed from the config's PEM once.
+pub struct PeerTls {
+    /// The CAs to verify against; none: the system's roots.
+    pub ca: Option<std::sync::Arc<pingora::protocols::tls::CaType>>,
+    pub client: Option<std::sync::Arc<pingora::utils::tls::CertKey>>,
+    pub verify: bool,
+}
+
+impl PeerTls {
+    fn new(t: &crate::config::UpstreamTls, at: &str) -> Result<PeerTls, String> {
+        use pingora::utils::tls::{parse_x509, CertKey, WrappedX509};
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = |pem: &[u8], field: &str| -> Result<Vec<Vec<u8>>, String> {
+            let v: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(pem)
+                .map(|c| c.map(|c| c.to_vec()))
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("{at}.{field}: not a PEM certificate: {e}"))?;
+            if v.is_empty() {
+                return Err(format!("{at}.{field}: holds no certificate"));
+            }
+            Ok(v)
+        };
+        let ca = match &t.ca {
+            Some(pem) => {
+                let list: Vec<WrappedX509> = certs(pem, "ca")?
+                    .into_iter()
+                    .map(|der| WrappedX509::new(der, parse_x509))
+                    .collect();
+                Some(std::sync::Arc::from(list.into_boxed_slice()))
+            }
+            None => None,
+        };
+        let client = match &t.client {
+            Some((cert, key)) => {
+                let chain = certs(cert, "cert")?;
+                let key = PrivateKeyDer::from_pem_slice(key)
+                    .map_err(|_| format!("{at}.key: not a PEM private key"))?;
+                Some(std::sync::Arc::new(CertKey::new(
+                    chain,
+                    key.secret_der().to_vec(),
+                )))
+            }
+            None => None,
+        };
+        Ok(PeerTls {
+            ca,
+            client,
+            verify: t.verify,
+        })
     }
 }
 
@@ -52,6 +112,11 @@ impl Router {
         let mut routes = Vec::with_capacity(cfgs.len());
         for (i, c) in cfgs.iter().enumerate() {
             let mut upstreams = Vec::new();
+            let tls = c
+                .tls
+                .as_ref()
+                .map(|t| PeerTls::new(t, &format!("routes[{i}].upstream_tls")))
+                .transpose()?;
             for (j, u) in c.upstreams.iter().enumerate() {
                 let addr = u
                     .to_socket_addrs()
@@ -60,13 +125,21 @@ impl Router {
                     .ok_or_else(|| {
                         format!("routes[{i}].upstreams[{j}]: `{u}` resolves to no address")
                     })?;
-                upstreams.push(addr);
+                let host = u.rsplit_once(':').map_or(u.as_str(), |(h, _)| h);
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let sni = c
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.sni.clone())
+                    .unwrap_or_else(|| host.to_string());
+                upstreams.push((addr, sni));
             }
             routes.push((
                 (rank(&c.host), usize::MAX - c.path_prefix.len(), i),
                 Route {
                     cfg: c.clone(),
                     upstreams,
+                    tls,
                     next: AtomicUsize::new(0),
                     metrics: std::sync::OnceLock::new(),
                 },
@@ -170,6 +243,8 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             read_timeout: Duration::from_secs(1),
             server_timing: false,
+            tls: None,
+            h2: false,
         }
     }
 

@@ -6,77 +6,7 @@
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-
-fn openssl(args: &[&str], dir: &Path) {
-    let ok = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("openssl is installed")
-        .success();
-    assert!(ok, "openssl {args:?}");
-}
-
-/// `NAME-ca.pem` (a CA) and, signed by it, `NAME-server.pem`/`-key.pem`
-/// for 127.0.0.1 and `NAME-client.pem`/`-key.pem`.
-fn pki(dir: &Path, name: &str) {
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let ca = format!("{name}-ca.pem");
-    let ca_key = format!("{name}-ca-key.pem");
-    let subject = format!("/CN={name} test CA");
-    let mut a = vec!["req", "-x509", "-days", "2", "-subj", &subject];
-    a.extend(ec);
-    a.extend(["-keyout", &ca_key, "-out", &ca]);
-    a.extend(["-addext", "basicConstraints=critical,CA:TRUE"]);
-    a.extend(["-addext", "keyUsage=critical,keyCertSign"]);
-    openssl(&a, dir);
-    for (who, ext) in [
-        (
-            "server",
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
-        ),
-        ("client", "extendedKeyUsage=clientAuth"),
-    ] {
-        let key = format!("{name}-{who}-key.pem");
-        let csr = format!("{name}-{who}.csr");
-        let crt = format!("{name}-{who}.pem");
-        let extfile = format!("{name}-{who}.ext");
-        std::fs::write(dir.join(&extfile), ext).unwrap();
-        let mut a = vec!["req", "-new", "-subj", "/CN=127.0.0.1"];
-        a.extend(ec);
-        a.extend(["-keyout", &key, "-out", &csr]);
-        openssl(&a, dir);
-        openssl(
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                &ca,
-                "-CAkey",
-                &ca_key,
-                "-CAcreateserial",
-                "-days",
-                "2",
-                "-extfile",
-                &extfile,
-                "-out",
-                &crt,
-            ],
-            dir,
-        );
-    }
-}
+use std::process::Command;
 
 struct TlsRedis {
     plain: RedisServer,

@@ -173,6 +173,34 @@ pub struct RouteConfig {
     pub read_timeout: Duration,
     /// `server_timing: true`: answer with a `Server-Timing` header.
     pub server_timing: bool,
+    /// TLS to the upstreams (`https://` upstreams or `upstream_tls`).
+    pub tls: Option<UpstreamTls>,
+    /// `upstream_h2`: offer HTTP/2 to the upstreams.
+    pub h2: bool,
+}
+
+/// TLS to a route's upstreams. The PEM files are read when the config is.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// PEM CA bundle; none: the system's roots.
+    pub ca: Option<Vec<u8>>,
+    /// PEM certificate chain and private key.
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name sent and verified; none: each upstream's host.
+    pub sni: Option<String>,
+    pub verify: bool,
+}
+
+/// Without the key material.
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("ca", &self.ca.as_ref().map(|_| "<pem>"))
+            .field("client", &self.client.as_ref().map(|_| "<pem>"))
+            .field("sni", &self.sni)
+            .field("verify", &self.verify)
+            .finish()
+    }
 }
 
 /// The JSON Schema of the config file, derived from the types the file is
@@ -360,7 +388,7 @@ fn build(raw: RawConfig, file: &Path, base: &Path, e: &mut Errors) -> Config {
     };
 
     let tracing = raw.tracing.otlp.as_ref().map(|o| build_otlp(o, base, e));
-    let routes = routes::build_routes(&raw.routes, e);
+    let routes = routes::build_routes(&raw.routes, base, e);
 
     Config {
         file: file.to_path_buf(),
@@ -722,7 +750,7 @@ mod tests {
             ("session:\n  secrets: [\"{S}\"]\n  cookie: { same_site: lots }\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "session.cookie.same_site: expected one of lax, strict, none, found `lots` (line 3)"),
             ("session:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n    upstreams: [a:1]\n    session: { read: [cart], headers: { X-User: user } }\n", "routes[0].session.headers.X-User: key `user` is not readable on this route (add it to read:) (line 6)"),
             ("session:\n  secrets: \"{S}\"\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "session.secrets: invalid type: a string, expected a sequence (line 2)"),
-            ("session:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n    upstreams: [nope]\n", "routes[0].upstreams[0]: `nope` is not host:port (line 5)"),
+            ("session:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n    upstreams: [nope]\n", "routes[0].upstreams[0]: `nope` is not host:port or an http(s):// URL of one (line 5)"),
             ("session:\n  secrets: [\"{S}\"]\nroutes:\n  - name: a\n    match: { path_prefx: /a }\n    upstreams: [a:1]\n", "routes[0].match.path_prefx: unknown field, did you mean path_prefix? (line 5)"),
             ("session:\n  secrets: [\"{S}\"]\ntracing:\n  otlp: { endpoint: \"https://c:4318\" }\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "tracing.otlp.endpoint: expected the http:// URL of an OTLP/HTTP collector (e.g. http://collector:4318; for a TLS collector, export through a local collector agent), found `https://c:4318` (line 4)"),
             ("session:\n  secrets: [\"{S}\"]\ntracing:\n  otlp: { endpoint: \"http://c:4318\", sample_ratio: 2 }\nroutes:\n  - name: a\n    upstreams: [a:1]\n", "tracing.otlp.sample_ratio: must be between 0 and 1 (line 4)"),

@@ -114,7 +114,14 @@ impl Config {
                 json!({
                     "name": r.name,
                     "match": { "host": r.host, "path_prefix": r.path_prefix, "ignore_case": r.ignore_case },
-                    "upstreams": r.upstreams,
+                    "upstreams": r.upstreams.iter().map(|u| if r.tls.is_some() { format!("https://{u}") } else { u.clone() }).collect::<Vec<_>>(),
+                    "upstream_tls": r.tls.as_ref().map(|t| json!({
+                        "ca": if t.ca.is_some() { "given" } else { "system roots" },
+                        "client_certificate": t.client.is_some(),
+                        "sni": t.sni,
+                        "verify": t.verify,
+                    })),
+                    "upstream_h2": r.h2,
                     "session": {
                         "read": keys(&r.read),
                         "write": keys(&r.write),

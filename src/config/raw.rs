@@ -334,6 +334,27 @@ pub(super) struct RawRoute {
     /// "Server-Timing"); off by default, it shows key names and timings.
     #[serde(default)]
     pub(super) server_timing: bool,
+    /// TLS to the upstreams (implied by `https://` upstreams): a private
+    /// CA, a client certificate, the name to verify.
+    pub(super) upstream_tls: Option<RawUpstreamTls>,
+    /// Offer HTTP/2 to the upstreams (ALPN over TLS; prior knowledge over
+    /// plain TCP).
+    pub(super) upstream_h2: Option<bool>,
+}
+
+#[derive(schemars::JsonSchema, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawUpstreamTls {
+    /// PEM file of the CA(s) that sign the upstreams' certificates
+    /// (default: the system's roots).
+    pub(super) ca: Option<Str>,
+    /// PEM client certificate (chain) and key, for upstreams that ask.
+    pub(super) cert: Option<Str>,
+    pub(super) key: Option<Str>,
+    /// The name sent in SNI and verified (default: each upstream's host).
+    pub(super) sni: Option<Str>,
+    /// Verify the upstream's certificate and name (default true).
+    pub(super) verify: Option<bool>,
 }
 
 #[derive(schemars::JsonSchema, Deserialize, Default)]

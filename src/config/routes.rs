@@ -11,6 +11,57 @@ fn valid_header_name(n: &str) -> bool {
     http::HeaderName::from_bytes(n.as_bytes()).is_ok()
 }
 
+/// Does `host:port` (or `[v6]:port`) end in a port?
+fn has_port(u: &str) -> bool {
+    match u.rsplit_once(':') {
+        Some((h, p)) => {
+            !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_digit())
+                && (!h.contains(':') || h.ends_with(']'))
+        }
+        None => false,
+    }
+}
+
+/// `upstream_tls` (or its defaults for `https://` upstreams).
+fn upstream_tls(
+    t: Option<&RawUpstreamTls>,
+    at: &str,
+    base: &std::path::Path,
+    e: &mut Errors,
+) -> crate::config::UpstreamTls {
+    let none = RawUpstreamTls::default();
+    let t = t.unwrap_or(&none);
+    let ca = super::store::read_pem(e, &format!("{at}.ca"), &t.ca, base);
+    let cert = super::store::read_pem(e, &format!("{at}.cert"), &t.cert, base);
+    let key = super::store::read_pem(e, &format!("{at}.key"), &t.key, base);
+    let client = match (cert, key, t.cert.is_some(), t.key.is_some()) {
+        (Some(c), Some(k), _, _) => Some((c, k)),
+        (_, _, true, false) => {
+            e.add(format!("{at}.key"), "is needed with cert");
+            None
+        }
+        (_, _, false, true) => {
+            e.add(format!("{at}.cert"), "is needed with key");
+            None
+        }
+        _ => None,
+    };
+    let sni = e.opt_text(&format!("{at}.sni"), &t.sni);
+    if sni
+        .as_deref()
+        .is_some_and(|s| s.is_empty() || s.contains(['/', ' ', ':']))
+    {
+        e.add(format!("{at}.sni"), "must be a host name");
+    }
+    crate::config::UpstreamTls {
+        ca,
+        client,
+        sni,
+        verify: t.verify.unwrap_or(true),
+    }
+}
+
 fn valid_upstream(u: &str) -> bool {
     let Some((host, port)) = u.rsplit_once(':') else {
         return false;
@@ -26,7 +77,11 @@ fn valid_upstream(u: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"-.:_".contains(&b))
 }
 
-pub(super) fn build_routes(raw: &[RawRoute], e: &mut Errors) -> Vec<RouteConfig> {
+pub(super) fn build_routes(
+    raw: &[RawRoute],
+    base: &std::path::Path,
+    e: &mut Errors,
+) -> Vec<RouteConfig> {
     if raw.is_empty() {
         e.add("routes", "at least one route is needed");
     }
@@ -73,6 +128,9 @@ pub(super) fn build_routes(raw: &[RawRoute], e: &mut Errors) -> Vec<RouteConfig>
         if r.upstreams.is_empty() {
             e.add(at("upstreams"), "at least one upstream address is needed");
         }
+        // `host:port`, `http://host[:port]` or `https://host[:port]`; one
+        // route's upstreams are all TLS or all plain (one app behind them).
+        let mut schemes = (false, false);
         let upstreams: Vec<String> = r
             .upstreams
             .iter()
@@ -80,12 +138,58 @@ pub(super) fn build_routes(raw: &[RawRoute], e: &mut Errors) -> Vec<RouteConfig>
             .map(|(j, u)| {
                 let path = format!("routes[{i}].upstreams[{j}]");
                 let u = e.text(&path, u).trim().to_string();
-                if !valid_upstream(&u) {
-                    e.add(path, format!("`{u}` is not host:port"));
+                let (hostport, default_port) = match u.split_once("://") {
+                    Some(("https", rest)) => {
+                        schemes.1 = true;
+                        (rest, Some(443))
+                    }
+                    Some(("http", rest)) => {
+                        schemes.0 = true;
+                        (rest, Some(80))
+                    }
+                    Some((other, _)) => {
+                        e.add(
+                            path.clone(),
+                            format!("`{other}://`: expected http:// or https://"),
+                        );
+                        (u.as_str(), None)
+                    }
+                    None => (u.as_str(), None),
+                };
+                let hostport = hostport.strip_suffix('/').unwrap_or(hostport);
+                let hostport = match default_port {
+                    Some(p) if !has_port(hostport) => format!("{hostport}:{p}"),
+                    _ => hostport.to_string(),
+                };
+                if !valid_upstream(&hostport) {
+                    e.add(
+                        path,
+                        format!("`{u}` is not host:port or an http(s):// URL of one"),
+                    );
                 }
-                u
+                hostport
             })
             .collect();
+        let tls = if schemes.1 || r.upstream_tls.is_some() {
+            if schemes.0 {
+                e.add(
+                    at("upstreams"),
+                    if schemes.1 {
+                        "mixes http:// and https:// upstreams"
+                    } else {
+                        "an http:// upstream cannot have upstream_tls (use https://)"
+                    },
+                );
+            }
+            Some(upstream_tls(
+                r.upstream_tls.as_ref(),
+                &at("upstream_tls"),
+                base,
+                e,
+            ))
+        } else {
+            None
+        };
         let read = e.key_set(&at("session.read"), &r.session.read);
         let write = e.key_set(&at("session.write"), &r.session.write);
         let mut headers = Vec::new();
@@ -173,6 +277,8 @@ pub(super) fn build_routes(raw: &[RawRoute], e: &mut Errors) -> Vec<RouteConfig>
             connect_timeout,
             read_timeout,
             server_timing: r.server_timing,
+            tls,
+            h2: r.upstream_h2.unwrap_or(false),
         });
     }
     out

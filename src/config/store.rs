@@ -217,24 +217,32 @@ fn build_sql(raw: &RawStore, base: &Path, e: &mut Errors) -> StoreKind {
 
 /// `store.tls`: the PEM files are read now, so a missing or unreadable one
 /// is a startup (or reload) error naming its field.
-fn redis_tls(t: &RawRedisTls, base: &Path, e: &mut Errors) -> RedisTls {
-    let mut pem = |field: &str, raw: &Option<Str>| -> Option<Vec<u8>> {
-        let f = resolve(base, &e.opt_text(field, raw)?);
-        match std::fs::read(&f) {
-            Ok(b) if b.windows(11).any(|w| w == b"-----BEGIN ") => Some(b),
-            Ok(_) => {
-                e.add(field, format!("{} is not a PEM file", f.display()));
-                None
-            }
-            Err(err) => {
-                e.add(field, format!("cannot read {}: {err}", f.display()));
-                None
-            }
+/// A PEM file named by `field`, read now: a missing or unreadable one is a
+/// startup (or reload) error naming the field.
+pub(super) fn read_pem(
+    e: &mut Errors,
+    field: &str,
+    raw: &Option<Str>,
+    base: &Path,
+) -> Option<Vec<u8>> {
+    let f = resolve(base, &e.opt_text(field, raw)?);
+    match std::fs::read(&f) {
+        Ok(b) if b.windows(11).any(|w| w == b"-----BEGIN ") => Some(b),
+        Ok(_) => {
+            e.add(field, format!("{} is not a PEM file", f.display()));
+            None
         }
-    };
-    let ca = pem("store.tls.ca", &t.ca);
-    let cert = pem("store.tls.cert", &t.cert);
-    let key = pem("store.tls.key", &t.key);
+        Err(err) => {
+            e.add(field, format!("cannot read {}: {err}", f.display()));
+            None
+        }
+    }
+}
+
+fn redis_tls(t: &RawRedisTls, base: &Path, e: &mut Errors) -> RedisTls {
+    let ca = read_pem(e, "store.tls.ca", &t.ca, base);
+    let cert = read_pem(e, "store.tls.cert", &t.cert, base);
+    let key = read_pem(e, "store.tls.key", &t.key, base);
     let client = match (cert, key, t.cert.is_some(), t.key.is_some()) {
         (Some(c), Some(k), _, _) => Some((c, k)),
         (_, _, true, false) => {

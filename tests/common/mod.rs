@@ -34,6 +34,15 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn start() -> Upstream {
+        Upstream::start_with(false)
+    }
+
+    /// The same echo, speaking HTTP/2 with prior knowledge (h2c) only.
+    pub fn start_h2c() -> Upstream {
+        Upstream::start_with(true)
+    }
+
+    fn start_with(h2c: bool) -> Upstream {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let hits = Arc::new(AtomicUsize::new(0));
@@ -59,9 +68,18 @@ impl Upstream {
                                 h.fetch_add(1, Ordering::SeqCst);
                                 echo(req)
                             });
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                            let io = hyper_util::rt::TokioIo::new(tcp);
+                            if h2c {
+                                let _ = hyper::server::conn::http2::Builder::new(
+                                    hyper_util::rt::TokioExecutor::new(),
+                                )
+                                .serve_connection(io, svc)
                                 .await;
+                            } else {
+                                let _ = hyper::server::conn::http1::Builder::new()
+                                    .serve_connection(io, svc)
+                                    .await;
+                            }
                         });
                     }
                 };
@@ -85,6 +103,7 @@ async fn echo(
     let mut headers = header_pairs(req.headers());
     headers.sort();
     let method = req.method().to_string();
+    let version = format!("{:?}", req.version());
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
     let _ = req.into_body().collect().await;
@@ -102,8 +121,7 @@ async fn echo(
             _ => {}
         }
     }
-    let body =
-        serde_json::json!({ "method": method, "path": path, "query": query, "headers": headers });
+    let body = serde_json::json!({ "method": method, "version": version, "path": path, "query": query, "headers": headers });
     Ok(resp
         .status(status)
         .header("content-type", "application/json")
@@ -904,6 +922,13 @@ impl Demo {
             .spawn()
             .unwrap();
         wait_port(listen.parse().unwrap());
+        // The demo app is another listener of the same process, bound a
+        // moment after the gateway's: until it is, the gateway answers 502.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while raw_get(listen.parse().unwrap(), "/", &[]).status == 502 {
+            assert!(Instant::now() < deadline, "the demo app never came up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
         Demo {
             base: format!("http://{listen}"),
             dir,
@@ -1336,5 +1361,76 @@ impl MariaServer {
 impl Drop for MariaServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// `openssl ARGS` in `dir`, which must succeed.
+pub fn openssl(args: &[&str], dir: &Path) {
+    let ok = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl is installed")
+        .success();
+    assert!(ok, "openssl {args:?}");
+}
+
+/// `NAME-ca.pem` (a CA) and, signed by it, `NAME-server.pem`/`-key.pem`
+/// for 127.0.0.1 and localhost, and `NAME-client.pem`/`-key.pem`.
+pub fn pki(dir: &Path, name: &str) {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let ca = format!("{name}-ca.pem");
+    let ca_key = format!("{name}-ca-key.pem");
+    let subject = format!("/CN={name} test CA");
+    let mut a = vec!["req", "-x509", "-days", "2", "-subj", &subject];
+    a.extend(ec);
+    a.extend(["-keyout", &ca_key, "-out", &ca]);
+    a.extend(["-addext", "basicConstraints=critical,CA:TRUE"]);
+    a.extend(["-addext", "keyUsage=critical,keyCertSign"]);
+    openssl(&a, dir);
+    for (who, ext) in [
+        (
+            "server",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth",
+        ),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ] {
+        let key = format!("{name}-{who}-key.pem");
+        let csr = format!("{name}-{who}.csr");
+        let crt = format!("{name}-{who}.pem");
+        let extfile = format!("{name}-{who}.ext");
+        std::fs::write(dir.join(&extfile), ext).unwrap();
+        let mut a = vec!["req", "-new", "-subj", "/CN=127.0.0.1"];
+        a.extend(ec);
+        a.extend(["-keyout", &key, "-out", &csr]);
+        openssl(&a, dir);
+        openssl(
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &extfile,
+                "-out",
+                &crt,
+            ],
+            dir,
+        );
     }
 }
