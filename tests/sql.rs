@@ -612,70 +612,38 @@ fn sql_config_errors() {
             "store.sql: only used with kind: sql",
         ),
     ];
-    for (store, want) in cases {
-        let f = dir.path().join("c.yaml");
-        std::fs::write(
-            &f,
-            format!(
-                "session:\n  secrets: [\"{SECRET}\"]\nstore: {store}\nroutes:\n  - name: a\n    upstreams: [\"{up_addr}\"]\n"
-            ),
+    let yaml = |store: &str| {
+        format!(
+            "session:\n  secrets: [\"{SECRET}\"]\nstore: {store}\nroutes:\n  - name: a\n    upstreams: [\"{up_addr}\"]\n"
         )
-        .unwrap();
-        let out = std::process::Command::new(bin())
-            .args(["check", "-c"])
-            .arg(&f)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{store}");
-        assert!(err.contains(want), "{store}: {err}");
-        assert!(!err.contains("hunter2"), "{store}: {err}");
+    };
+    for (store, want) in cases {
+        let c = check_yaml(dir.path(), &yaml(store), false, &[]);
+        assert!(!c.ok, "{store}");
+        assert!(c.stderr.contains(want), "{store}: {}", c.stderr);
+        assert!(!c.stderr.contains("hunter2"), "{store}: {}", c.stderr);
     }
     // The effective config hides the password.
-    let f = dir.path().join("ok.yaml");
-    std::fs::write(
-        &f,
-        format!(
-            "session:\n  secrets: [\"{SECRET}\"]\nstore: {{ kind: sql, url: \"postgres://u:hunter2@h/db\" }}\nroutes:\n  - name: a\n    upstreams: [\"{up_addr}\"]\n"
-        ),
-    )
-    .unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["check", "--print", "-c"])
-        .arg(&f)
-        .output()
-        .unwrap();
-    let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let c = check_yaml(
+        dir.path(),
+        &yaml("{ kind: sql, url: \"postgres://u:hunter2@h/db\" }"),
+        true,
+        &[],
     );
-    assert!(printed.contains("cleanup_interval: 1m"), "{printed}");
-    assert!(!printed.contains("hunter2"), "{printed}");
+    assert!(c.ok, "{}", c.stderr);
+    assert!(c.stdout.contains("cleanup_interval: 1m"), "{}", c.stdout);
+    assert!(!c.stdout.contains("hunter2"), "{}", c.stdout);
     // The URL from the environment, as secrets may be.
-    let f = dir.path().join("env.yaml");
-    std::fs::write(
-        &f,
-        format!(
-            "session:\n  secrets: [\"{SECRET}\"]\nstore: {{ kind: sql, url: \"${{GIMLET_TEST_DB_URL}}\" }}\nroutes:\n  - name: a\n    upstreams: [\"{up_addr}\"]\n"
-        ),
-    )
-    .unwrap();
-    let out = std::process::Command::new(bin())
-        .args(["check", "--print", "-c"])
-        .arg(&f)
-        .env("GIMLET_TEST_DB_URL", "mariadb://app:hunter2@db:3306/app")
-        .output()
-        .unwrap();
-    let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let c = check_yaml(
+        dir.path(),
+        &yaml("{ kind: sql, url: \"${GIMLET_TEST_DB_URL}\" }"),
+        true,
+        &[("GIMLET_TEST_DB_URL", "mariadb://app:hunter2@db:3306/app")],
     );
+    assert!(c.ok, "{}", c.stderr);
     assert!(
-        printed.contains("mariadb://app:<redacted>@db:3306/app"),
-        "{printed}"
+        c.stdout.contains("mariadb://app:<redacted>@db:3306/app"),
+        "{}",
+        c.stdout
     );
 }

@@ -198,44 +198,22 @@ fn upstream_tls_config_errors_name_the_field() {
             "routes[0].upstream_tls.sni: must be a host name",
         ),
     ];
+    let yaml = |ups: &str, tls: &str| {
+        format!("session:\n  secrets: [\"{SECRET}\"]\nroutes:\n  - name: a\n    upstreams: {ups}\n{tls}")
+    };
     for (ups, tls, want) in cases {
-        let f = dir.path().join("c.yaml");
-        std::fs::write(
-            &f,
-            format!(
-                "session:\n  secrets: [\"{SECRET}\"]\nroutes:\n  - name: a\n    upstreams: {ups}\n{tls}"
-            ),
-        )
-        .unwrap();
-        let out = Command::new(bin())
-            .args(["check", "-c"])
-            .arg(&f)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{ups} {tls}");
-        assert!(err.contains(want), "{ups} {tls}: {err}");
+        let c = check_yaml(dir.path(), &yaml(ups, &tls), false, &[]);
+        assert!(!c.ok, "{ups} {tls}");
+        assert!(c.stderr.contains(want), "{ups} {tls}: {}", c.stderr);
     }
     // https:// without a port means 443; the effective config says https.
-    let f = dir.path().join("ok.yaml");
-    std::fs::write(
-        &f,
-        format!(
-            "session:\n  secrets: [\"{SECRET}\"]\nroutes:\n  - name: a\n    upstreams: [\"https://127.0.0.1\"]\n    upstream_h2: true\n"
-        ),
-    )
-    .unwrap();
-    let out = Command::new(bin())
-        .args(["check", "--print", "-c"])
-        .arg(&f)
-        .output()
-        .unwrap();
-    let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let c = check_yaml(
+        dir.path(),
+        &yaml("[\"https://127.0.0.1\"]", "    upstream_h2: true\n"),
+        true,
+        &[],
     );
-    assert!(printed.contains("https://127.0.0.1:443"), "{printed}");
-    assert!(printed.contains("upstream_h2: true"), "{printed}");
+    assert!(c.ok, "{}", c.stderr);
+    assert!(c.stdout.contains("https://127.0.0.1:443"), "{}", c.stdout);
+    assert!(c.stdout.contains("upstream_h2: true"), "{}", c.stdout);
 }

@@ -1434,3 +1434,33 @@ pub fn pki(dir: &Path, name: &str) {
         );
     }
 }
+
+/// What `gimlet check` said of a config: its exit, stdout and stderr.
+pub struct Checked {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// `gimlet check [--print] -c FILE` on `yaml` written into `dir`, with
+/// `env` set.
+pub fn check_yaml(dir: &Path, yaml: &str, print: bool, env: &[(&str, &str)]) -> Checked {
+    let f = dir.join("checked.yaml");
+    std::fs::write(&f, yaml).unwrap();
+    let mut c = Command::new(bin());
+    c.arg("check");
+    if print {
+        c.arg("--print");
+    }
+    let out = c
+        .arg("-c")
+        .arg(&f)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    Checked {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
