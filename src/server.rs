@@ -378,7 +378,10 @@ impl BackgroundService for SqlCleanup {
             return;
         };
         let m = &self.shared.metrics;
-        let mut tick = tokio::time::interval(store.cleanup_interval());
+        // The first pass one interval after the start, not at it: gateways
+        // restarted together do not all sweep at once.
+        let every = store.cleanup_interval();
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

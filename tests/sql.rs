@@ -458,7 +458,7 @@ async fn expired_sessions_are_cleaned_up(db: Db) {
         "  lifetime: 2s\n",
     ));
     // A second gateway on the same database whose sessions live longer
-    // (and whose cleanup runs only at its start).
+    // (and whose first cleanup is an hour away).
     let g2 = Gateway::start(&sql_yaml(
         &up,
         &store_for(&db, ", sql: { cleanup_interval: 1h }"),
