@@ -74,6 +74,12 @@ impl PeerTls {
             }
             None => None,
         };
+        if !t.verify {
+            tracing::warn!(
+                "{at}.verify is off: the upstream's certificate and name are not checked, so \
+                 anyone on the path can read and change what the app sees"
+            );
+        }
         Ok(PeerTls {
             ca,
             client,

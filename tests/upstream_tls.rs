@@ -105,9 +105,14 @@ async fn https_upstreams_are_verified_and_said_why_when_not() {
         );
     }
 
-    // verify: false takes any certificate (and says nothing about it).
+    // verify: false takes any certificate, and warns at start.
     let g = Gateway::start(&yaml(&https, "    upstream_tls: { verify: false }\n"));
     assert_eq!(get(&g).await.status, 200, "{}", g.log());
+    assert!(
+        g.log().contains("routes[0].upstream_tls.verify is off"),
+        "{}",
+        g.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
