@@ -17,7 +17,8 @@
 //! 4. [`session`]: the per-request session: read from cookies and the store,
 //!    what is forwarded, how directives apply.
 //! 5. [`config`]: the YAML file, validated into typed settings.
-//! 6. [`routes`], [`metrics`], [`logging`], [`telemetry`] (OTLP spans and the
+//! 6. [`pool`]: a route's upstreams (pingora-load-balancing selection,
+//!    health probes, passive ejection); [`routes`], [`metrics`], [`logging`], [`telemetry`] (OTLP spans and the
 //!    W3C trace context); [`exchange`]: one request's way
 //!    through the gateway, without pingora; [`proxy`]: the pingora hooks that
 //!    call it; [`admin`]: metrics, health and the session API.
@@ -40,6 +41,7 @@ pub mod logging;
 pub mod metrics;
 pub mod model;
 pub mod path;
+pub mod pool;
 pub mod proxy;
 pub mod routes;
 pub mod server;

@@ -36,6 +36,11 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     /// Session API calls, by operation and status.
     pub admin_requests: IntCounterVec,
+    /// 1 while an upstream is in service (probes pass, not ejected).
+    pub upstream_health: IntGaugeVec,
+    /// Requests sent to each upstream, by the upstream's status (`error`:
+    /// no response: a failed connection, a timeout, a reset).
+    pub upstream_requests: IntCounterVec,
 }
 
 const LATENCY: &[f64] = &[
@@ -200,6 +205,22 @@ impl Metrics {
                 "Session API calls on the admin listener, by operation and status.",
                 &["op", "status"],
             ),
+            upstream_health: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "gimlet_upstream_health",
+                        "1 while the upstream is in service (its probes pass and it is not ejected after a failed connection).",
+                    ),
+                    &["route", "upstream"],
+                )
+                .unwrap(),
+            ),
+            upstream_requests: counter(
+                "gimlet_upstream_requests_total",
+                "Requests sent to each upstream, by its status (error: no response).",
+                &["route", "upstream", "status"],
+            ),
             registry,
         };
         m.build_info
@@ -297,6 +318,36 @@ impl RouteMetrics {
         let i = (status as usize).min(600);
         self.requests[i]
             .get_or_init(|| m.requests.with_label_values(&[route, status_label(status)]))
+    }
+}
+
+/// One upstream's series, resolved once per upstream (and status).
+pub struct UpstreamMetrics {
+    pub health: IntGauge,
+    /// By status (1..600, then "other"); index 0: `error`.
+    requests: Box<[std::sync::OnceLock<IntCounter>]>,
+}
+
+impl UpstreamMetrics {
+    pub fn new(m: &Metrics, route: &str, upstream: &str) -> UpstreamMetrics {
+        UpstreamMetrics {
+            health: m.upstream_health.with_label_values(&[route, upstream]),
+            requests: (0..=600).map(|_| std::sync::OnceLock::new()).collect(),
+        }
+    }
+
+    /// `status` 0: no response.
+    pub fn requests(&self, m: &Metrics, route: &str, upstream: &str, status: u16) -> &IntCounter {
+        let i = (status as usize).min(600);
+        self.requests[i].get_or_init(|| {
+            let label = if status == 0 {
+                "error"
+            } else {
+                status_label(status)
+            };
+            m.upstream_requests
+                .with_label_values(&[route, upstream, label])
+        })
     }
 }
 

@@ -467,6 +467,27 @@ pub enum OnMissing {
     Redirect(String),
 }
 
+/// A route's `selection`: how a request picks one of the route's upstreams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Selection {
+    RoundRobin,
+    /// The upstream with the fewest requests in flight from this gateway.
+    LeastConn,
+    /// Consistent hashing (Ketama) of the session's tag, which a session
+    /// keeps for life (across Regenerate), so one user stays on one upstream.
+    Sticky,
+}
+
+impl Selection {
+    pub fn label(self) -> &'static str {
+        match self {
+            Selection::RoundRobin => "round_robin",
+            Selection::LeastConn => "least_conn",
+            Selection::Sticky => "sticky",
+        }
+    }
+}
+
 /// A route's `on_directive_error`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnDirectiveError {

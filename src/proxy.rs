@@ -15,8 +15,8 @@
 
 use crate::directives::Directives;
 use crate::exchange::{self, Commit, Incoming, Opened, Refused, State};
-use crate::metrics::{status_label, Metrics, RouteMetrics};
-use crate::model::{DirectiveError, LocalAnswer, OnDirectiveError};
+use crate::metrics::{status_label, Metrics, RouteMetrics, UpstreamMetrics};
+use crate::model::{DirectiveError, LocalAnswer, OnDirectiveError, Selection};
 use crate::model::{Step, Steps};
 use crate::routes::Route;
 use crate::session::{Forward, Outcome, Session, WriteContext};
@@ -80,6 +80,17 @@ pub struct Ctx {
     trusted: bool,
     /// The upstream picked (for our own error lines).
     peer: Option<std::net::SocketAddr>,
+    /// Its index in the route's pool, while this request uses it.
+    member: Option<usize>,
+    /// The upstreams this request failed to connect to.
+    tried: crate::pool::Tried,
+    /// `least_conn`: counts this request against its upstream.
+    busy: Option<crate::pool::Busy>,
+    /// The upstream's status (its final response's).
+    upstream_status: u16,
+    /// `sticky`, no session yet: the tag a new session gets, chosen with
+    /// the upstream.
+    new_tag: Option<u32>,
     now: u64,
     start: Instant,
     session: Session,
@@ -128,6 +139,7 @@ impl Ctx {
             now: self.now,
             ip: self.tracked_ip.as_deref(),
             user_agent: self.tracked_ua.as_deref(),
+            tag: self.new_tag,
         }
     }
 }
@@ -355,6 +367,17 @@ impl Gateway {
                 .inc();
         }
         ctx.session.absorb(read, &asked, cfg.store.on_error)
+    }
+
+    /// `gimlet_upstream_requests_total`; `status` 0: no response.
+    fn count_upstream(&self, route: &Route, i: usize, status: u16) {
+        let m = &self.shared.metrics;
+        let member = &route.pool.members[i];
+        member
+            .metrics
+            .get_or_init(|| UpstreamMetrics::new(m, &route.cfg.name, &member.name))
+            .requests(m, &route.cfg.name, &member.name, status)
+            .inc();
     }
 
     fn count_refusal(&self, route: &Route, r: &Refused, limit: usize) {
@@ -676,6 +699,11 @@ impl ProxyHttp for Gateway {
             https: false,
             trusted: false,
             peer: None,
+            member: None,
+            tried: 0,
+            busy: None,
+            upstream_status: 0,
+            new_tag: None,
             now: 0,
             start: Instant::now(),
             session: Session::default(),
@@ -759,28 +787,27 @@ impl ProxyHttp for Gateway {
         _session: &mut Session_,
         ctx: &mut Box<Ctx>,
     ) -> Result<Box<HttpPeer>> {
+        let state = ctx.state.clone();
         let route = ctx
-            .route()
+            .route
+            .map(|i| &state.router.routes()[i])
             .ok_or_else(|| Error::explain(InternalError, "no route"))?;
-        let (addr, sni) = route.pick();
-        let mut peer = match &route.tls {
-            None => HttpPeer::new(addr, false, String::new()),
-            Some(t) => {
-                let mut p = HttpPeer::new(addr, true, sni.to_string());
-                p.options.ca = t.ca.clone();
-                p.client_cert_key = t.client.clone();
-                p.options.verify_cert = t.verify;
-                p.options.verify_hostname = t.verify;
-                p
-            }
+        let pool = &route.pool;
+        let tag = match (pool.selection, &ctx.session.meta) {
+            (Selection::Sticky, Some(m)) => m.tag,
+            (Selection::Sticky, None) => *ctx.new_tag.get_or_insert_with(crate::model::random_tag),
+            _ => 0,
         };
-        if route.cfg.h2 {
-            // Over TLS: ALPN h2, else HTTP/1.1; over TCP: h2c.
-            peer.options
-                .set_http_version(2, if route.tls.is_some() { 1 } else { 2 });
-        }
-        peer.options.connection_timeout = Some(route.cfg.connect_timeout);
-        peer.options.read_timeout = Some(route.cfg.read_timeout);
+        let Some(i) = pool.pick(&tag.to_le_bytes(), ctx.tried, ctx.now) else {
+            return Err(Error::explain(
+                ConnectError,
+                "every upstream failed to connect",
+            ));
+        };
+        let peer = pool.peer(i);
+        let addr = pool.members[i].addr;
+        ctx.member = Some(i);
+        ctx.busy = pool.start_request(i);
         ctx.peer = Some(addr);
         ctx.upstream_start = Some(Instant::now());
         if let (Some(t), Some(trace)) = (&self.shared.tracer, &mut ctx.trace) {
@@ -831,6 +858,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut Box<Ctx>,
     ) -> Result<()> {
         let status = resp.status.as_u16();
+        ctx.upstream_status = status;
         if let (false, Some(t)) = (exchange::is_interim(status), ctx.upstream_start) {
             ctx.steps.upstream = Some(Step::since(t));
         }
@@ -956,6 +984,34 @@ impl ProxyHttp for Gateway {
     /// module that would still run on every request.
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
+    /// A failed connection: the upstream is ejected for `eject_for`, and
+    /// the request (not sent yet, whatever its method) goes to another
+    /// upstream, each tried once.
+    fn fail_to_connect(
+        &self,
+        session: &mut Session_,
+        _peer: &HttpPeer,
+        ctx: &mut Box<Ctx>,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let state = ctx.state.clone();
+        if let (Some(route), Some(i)) = (ctx.route.map(|r| &state.router.routes()[r]), ctx.member) {
+            route.pool.eject(i, crate::model::now_ms());
+            self.count_upstream(route, i, 0);
+            ctx.member = None;
+            ctx.busy = None;
+            ctx.tried |= 1 << i;
+            let others = ctx.tried.count_ones() < route.pool.members.len() as u32;
+            // A body already partly sent by an earlier attempt (on a reused
+            // connection that failed) cannot be sent again whole.
+            if others && ctx.answer.is_none() && !session.as_ref().retry_buffer_truncated() {
+                tracing::warn!(route = %route.cfg.name, upstream = %route.pool.members[i].name, error = e.etype().as_str(), "upstream connection failed; ejected, trying another");
+                e.set_retry(true);
+            }
+        }
+        e
+    }
+
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,
@@ -1022,6 +1078,9 @@ impl ProxyHttp for Gateway {
         let route = ctx.route_name();
         let m = &self.shared.metrics;
         let elapsed = ctx.start.elapsed();
+        if let (Some(r), Some(i)) = (ctx.route(), ctx.member) {
+            self.count_upstream(r, i, ctx.upstream_status);
+        }
         match ctx.route() {
             Some(r) => {
                 let rm = r.metrics.get_or_init(|| RouteMetrics::new(m, route));

@@ -1,91 +1,19 @@
 //! Routing: host (exact, `*.suffix`, or any) and the longest path prefix on a
-//! segment boundary; round robin over each route's upstream addresses; the
-//! upstreams' TLS material, in the form pingora's connector takes, built once
-//! per config load.
+//! segment boundary; each route's upstreams resolved into its [`Pool`] (and
+//! their TLS material, in the form pingora's connector takes), once per
+//! config load.
 
 use crate::config::RouteConfig;
 use crate::headers::folded;
-use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::pool::{PeerTls, Pool};
+use std::net::ToSocketAddrs;
 
 pub struct Route {
     pub cfg: RouteConfig,
-    /// Each upstream's address and the name TLS sends and verifies (its
-    /// host, or `upstream_tls.sni`).
-    pub upstreams: Vec<(SocketAddr, String)>,
-    /// TLS to the upstreams (`https://` or `upstream_tls`).
-    pub tls: Option<PeerTls>,
-    next: AtomicUsize,
+    /// The upstreams, their health, and how one is chosen.
+    pub pool: Pool,
     /// This route's metric series, resolved on its first request.
     pub metrics: std::sync::OnceLock<crate::metrics::RouteMetrics>,
-}
-
-impl Route {
-    /// The next upstream, round robin: its address and TLS name.
-    pub fn pick(&self) -> (SocketAddr, &str) {
-        let i = self.next.fetch_add(1, Ordering::Relaxed);
-        let (addr, sni) = &self.upstreams[i % self.upstreams.len()];
-        (*addr, sni)
-    }
-}
-
-/// A route's upstream TLS, parsed from the config's PEM once.
-pub struct PeerTls {
-    /// The CAs to verify against; none: the system's roots.
-    pub ca: Option<std::sync::Arc<pingora::protocols::tls::CaType>>,
-    pub client: Option<std::sync::Arc<pingora::utils::tls::CertKey>>,
-    pub verify: bool,
-}
-
-impl PeerTls {
-    fn new(t: &crate::config::UpstreamTls, at: &str) -> Result<PeerTls, String> {
-        use pingora::utils::tls::{parse_x509, CertKey, WrappedX509};
-        use rustls_pki_types::pem::PemObject;
-        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-        let certs = |pem: &[u8], field: &str| -> Result<Vec<Vec<u8>>, String> {
-            let v: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(pem)
-                .map(|c| c.map(|c| c.to_vec()))
-                .collect::<Result<_, _>>()
-                .map_err(|e| format!("{at}.{field}: not a PEM certificate: {e}"))?;
-            if v.is_empty() {
-                return Err(format!("{at}.{field}: holds no certificate"));
-            }
-            Ok(v)
-        };
-        let ca = match &t.ca {
-            Some(pem) => {
-                let list: Vec<WrappedX509> = certs(pem, "ca")?
-                    .into_iter()
-                    .map(|der| WrappedX509::new(der, parse_x509))
-                    .collect();
-                Some(std::sync::Arc::from(list.into_boxed_slice()))
-            }
-            None => None,
-        };
-        let client = match &t.client {
-            Some((cert, key)) => {
-                let chain = certs(cert, "cert")?;
-                let key = PrivateKeyDer::from_pem_slice(key)
-                    .map_err(|_| format!("{at}.key: not a PEM private key"))?;
-                Some(std::sync::Arc::new(CertKey::new(
-                    chain,
-                    key.secret_der().to_vec(),
-                )))
-            }
-            None => None,
-        };
-        if !t.verify {
-            tracing::warn!(
-                "{at}.verify is off: the upstream's certificate and name are not checked, so \
-                 anyone on the path can read and change what the app sees"
-            );
-        }
-        Ok(PeerTls {
-            ca,
-            client,
-            verify: t.verify,
-        })
-    }
 }
 
 pub struct Router {
@@ -144,9 +72,7 @@ impl Router {
                 (rank(&c.host), usize::MAX - c.path_prefix.len(), i),
                 Route {
                     cfg: c.clone(),
-                    upstreams,
-                    tls,
-                    next: AtomicUsize::new(0),
+                    pool: Pool::new(c, upstreams, tls)?,
                     metrics: std::sync::OnceLock::new(),
                 },
             ));
@@ -251,6 +177,8 @@ mod tests {
             server_timing: false,
             tls: None,
             h2: false,
+            selection: crate::model::Selection::RoundRobin,
+            health: Default::default(),
         }
     }
 
@@ -285,10 +213,14 @@ mod tests {
         assert!(r.find(Some("a.test"), "/").is_none());
         assert!(r.find(Some("b.test"), "/x").is_none());
         let rt = &r.routes()[r.find(Some("a.test"), "/x/y").unwrap()];
-        let a = rt.pick();
-        let b = rt.pick();
+        let pick = || rt.pool.pick(b"", 0, 0).unwrap();
+        let a = pick();
+        let b = pick();
         assert_ne!(a, b);
-        assert_eq!(rt.pick(), a);
+        assert_eq!(pick(), a);
+        // A request that tried one is sent to the other.
+        assert_eq!(rt.pool.pick(b"", 1 << a, 0), Some(b));
+        assert_eq!(rt.pool.pick(b"", 0b11, 0), None);
     }
 
     #[test]

@@ -217,6 +217,12 @@ pub fn run(
         ));
     }
     server.add_service(background_service(
+        "gimlet upstream health",
+        UpstreamHealth {
+            shared: shared.clone(),
+        },
+    ));
+    server.add_service(background_service(
         "gimlet reloader",
         Reloader {
             shared: shared.clone(),
@@ -400,6 +406,117 @@ impl BackgroundService for SqlCleanup {
                 },
                 _ = shutdown.changed() => return,
             }
+        }
+    }
+}
+
+/// Every route's upstreams: a watcher per pool, started when the pool first
+/// shows up (at start, after each reload), that probes it every
+/// `health_check.interval` and keeps `gimlet_upstream_health` current. A
+/// watcher ends when its config is gone (a reload replaced it and the last
+/// request that started under it has finished).
+struct UpstreamHealth {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl BackgroundService for UpstreamHealth {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    let state = self.shared.state.load_full();
+                    for (i, r) in state.router.routes().iter().enumerate() {
+                        if r.pool.claim_watch() {
+                            tokio::spawn(watch_pool(Arc::downgrade(&state), i, self.shared.clone(), shutdown.clone()));
+                        }
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+async fn watch_pool(
+    state: std::sync::Weak<crate::exchange::State>,
+    route: usize,
+    shared: Arc<Shared>,
+    mut shutdown: ShutdownWatch,
+) {
+    let m = &shared.metrics;
+    let labels: Vec<(String, String)> = match state.upgrade() {
+        Some(st) => {
+            let r = &st.router.routes()[route];
+            r.pool
+                .members
+                .iter()
+                .map(|u| (r.cfg.name.clone(), u.name.clone()))
+                .collect()
+        }
+        None => return,
+    };
+    loop {
+        let Some(st) = state.upgrade() else {
+            // A reload dropped this upstream (or its route): drop its gauge.
+            let current = shared.state.load();
+            for (route, upstream) in &labels {
+                let kept = current
+                    .router
+                    .get(route)
+                    .is_some_and(|r| r.pool.members.iter().any(|u| &u.name == upstream));
+                if !kept {
+                    let _ = m.upstream_health.remove_label_values(&[route, upstream]);
+                }
+            }
+            return;
+        };
+        let r = &st.router.routes()[route];
+        let pool = &r.pool;
+        if pool.health.probe.is_some() {
+            tokio::select! {
+                _ = pool.probe() => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+        let now = crate::model::now_ms();
+        let current = shared.state.load();
+        for (i, member) in pool.members.iter().enumerate() {
+            // Only the config being served reports; an older one still
+            // draining requests must not overwrite its gauges.
+            if !std::ptr::eq(current.as_ref(), st.as_ref()) {
+                break;
+            }
+            let up = pool.serving(i, now);
+            member
+                .metrics
+                .get_or_init(|| crate::metrics::UpstreamMetrics::new(m, &r.cfg.name, &member.name))
+                .health
+                .set(up as i64);
+            if member
+                .reported
+                .swap(up, std::sync::atomic::Ordering::Relaxed)
+                != up
+            {
+                if up {
+                    tracing::info!(route = %r.cfg.name, upstream = %member.name, "upstream back in service");
+                } else {
+                    tracing::warn!(route = %r.cfg.name, upstream = %member.name, ejected = pool.is_ejected(i, now), "upstream out of service");
+                }
+            }
+        }
+        drop(current);
+        let every = if pool.health.probe.is_some() {
+            pool.health.interval
+        } else {
+            // No probe: only passive ejection changes the gauge.
+            std::time::Duration::from_secs(1)
+        };
+        drop(st);
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.changed() => return,
         }
     }
 }

@@ -34,6 +34,18 @@ pub const ON_MISSING_STATUS: u16 = 401;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// `routes[].read_timeout`.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// `routes[].health_check.interval`: how often each upstream is probed.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// `routes[].health_check.timeout`: one probe (connect, and the response).
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// `routes[].health_check.expect`: the probe's status.
+pub const HEALTH_EXPECT: u16 = 200;
+/// `routes[].health_check.eject_for`: how long an upstream that failed a
+/// connection is skipped (passive ejection; on without a probe too).
+pub const EJECT_FOR: Duration = Duration::from_secs(10);
+/// The most upstreams one route may list (a request remembers the ones it
+/// tried in one 64-bit word).
+pub const MAX_UPSTREAMS: usize = 64;
 
 /// `tracing.otlp.sample_ratio`: every request (the OpenTelemetry default).
 pub const SAMPLE_RATIO: f64 = 1.0;

@@ -465,6 +465,14 @@ impl Choice for crate::model::OnError {
     ];
 }
 
+impl Choice for crate::model::Selection {
+    const WORDS: &'static [(&'static str, Self)] = &[
+        ("round_robin", crate::model::Selection::RoundRobin),
+        ("least_conn", crate::model::Selection::LeastConn),
+        ("sticky", crate::model::Selection::Sticky),
+    ];
+}
+
 impl Choice for crate::model::OnDirectiveError {
     const WORDS: &'static [(&'static str, Self)] = &[
         ("reject", crate::model::OnDirectiveError::Reject),

@@ -177,6 +177,43 @@ pub struct RouteConfig {
     pub tls: Option<UpstreamTls>,
     /// `upstream_h2`: offer HTTP/2 to the upstreams.
     pub h2: bool,
+    pub selection: crate::model::Selection,
+    pub health: HealthCheck,
+}
+
+/// `routes[].health_check`: how a route finds its upstreams dead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// The active probe; none: passive ejection only.
+    pub probe: Option<Probe>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// How long an upstream that failed a connection is skipped.
+    pub eject_for: Duration,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            probe: None,
+            interval: defaults::HEALTH_INTERVAL,
+            timeout: defaults::HEALTH_TIMEOUT,
+            eject_for: defaults::EJECT_FOR,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// A TCP connect (no TLS, no request).
+    Tcp,
+    /// `GET path` with `Host: host` (none: the upstream's host:port),
+    /// answered with `expect`.
+    Http {
+        path: String,
+        expect: u16,
+        host: Option<String>,
+    },
 }
 
 /// TLS to a route's upstreams. The PEM files are read when the config is.

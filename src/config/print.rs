@@ -122,6 +122,17 @@ impl Config {
                         "verify": t.verify,
                     })),
                     "upstream_h2": r.h2,
+                    "selection": r.selection.label(),
+                    "health_check": {
+                        "probe": match &r.health.probe {
+                            None => json!(null),
+                            Some(crate::config::Probe::Tcp) => json!({ "tcp": true }),
+                            Some(crate::config::Probe::Http { path, expect, host }) => json!({ "path": path, "expect": expect, "host": host }),
+                        },
+                        "interval": dur(r.health.interval),
+                        "timeout": dur(r.health.timeout),
+                        "eject_for": dur(r.health.eject_for),
+                    },
                     "session": {
                         "read": keys(&r.read),
                         "write": keys(&r.write),

@@ -340,6 +340,31 @@ pub(super) struct RawRoute {
     /// Offer HTTP/2 to the upstreams (ALPN over TLS; prior knowledge over
     /// plain TCP).
     pub(super) upstream_h2: Option<bool>,
+    /// How a request picks an upstream: round_robin (default), least_conn,
+    /// or sticky (one session, one upstream).
+    pub(super) selection: Option<Str>,
+    /// Active health checks and passive ejection of the upstreams.
+    pub(super) health_check: Option<RawHealthCheck>,
+}
+
+#[derive(schemars::JsonSchema, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHealthCheck {
+    /// Probe each upstream with a TCP connect.
+    pub(super) tcp: Option<bool>,
+    /// Probe each upstream with `GET path` (over TLS for https://
+    /// upstreams), expecting `expect`.
+    pub(super) path: Option<Str>,
+    /// The probe's expected status (default 200).
+    pub(super) expect: Option<u16>,
+    /// The probe's Host header (default: the upstream's host:port).
+    pub(super) host: Option<Str>,
+    /// How often each upstream is probed (default 5s).
+    pub(super) interval: Option<Str>,
+    /// One probe's time limit (default 1s).
+    pub(super) timeout: Option<Str>,
+    /// How long an upstream that failed a connection is skipped (default 10s).
+    pub(super) eject_for: Option<Str>,
 }
 
 #[derive(schemars::JsonSchema, Deserialize, Default)]

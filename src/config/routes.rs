@@ -3,7 +3,7 @@
 use super::defaults;
 use super::errors::Errors;
 use super::raw::*;
-use super::RouteConfig;
+use super::{HealthCheck, Probe, RouteConfig};
 use crate::model::{valid_key, OnDirectiveError, OnMissing};
 
 /// An HTTP header name token.
@@ -59,6 +59,80 @@ fn upstream_tls(
         client,
         sni,
         verify: t.verify.unwrap_or(true),
+    }
+}
+
+/// `health_check`: a TCP or HTTP probe (or none: passive ejection only),
+/// its timing, and how long a failed upstream is skipped.
+fn health_check(raw: Option<&RawHealthCheck>, at: &str, e: &mut Errors) -> HealthCheck {
+    let Some(h) = raw else {
+        return HealthCheck::default();
+    };
+    let field = |f: &str| format!("{at}.{f}");
+    let path = e.opt_text(&field("path"), &h.path);
+    let probe = match (h.tcp.unwrap_or(false), path) {
+        (true, Some(_)) => {
+            e.add(at, "give `tcp: true` or `path`, not both");
+            None
+        }
+        (true, None) => Some(Probe::Tcp),
+        (false, Some(p)) => {
+            let p = p.trim().to_string();
+            if !p.starts_with('/') || p.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+                e.add(field("path"), "must start with `/` and hold no spaces");
+            }
+            let expect = h.expect.unwrap_or(defaults::HEALTH_EXPECT);
+            if !(100..=599).contains(&expect) {
+                e.add(
+                    field("expect"),
+                    "must be an HTTP status between 100 and 599",
+                );
+            }
+            let host = e
+                .opt_text(&field("host"), &h.host)
+                .map(|v| v.trim().to_string());
+            if host.as_deref().is_some_and(|v| {
+                v.is_empty() || v.bytes().any(|b| b.is_ascii_control() || b == b' ')
+            }) {
+                e.add(field("host"), "must be a host name without spaces");
+            }
+            Some(Probe::Http {
+                path: p,
+                expect,
+                host,
+            })
+        }
+        (false, None) => {
+            for (name, given) in [("expect", h.expect.is_some()), ("host", h.host.is_some())] {
+                if given {
+                    e.add(field(name), "only an HTTP probe (`path`) has one");
+                }
+            }
+            None
+        }
+    };
+    if probe.is_none() && (h.interval.is_some() || h.timeout.is_some()) {
+        e.add(
+            at,
+            "`interval` and `timeout` need a probe: add `tcp: true` or `path: /healthz`",
+        );
+    }
+    let interval = e.duration(&field("interval"), &h.interval, defaults::HEALTH_INTERVAL);
+    let timeout = e.duration(&field("timeout"), &h.timeout, defaults::HEALTH_TIMEOUT);
+    let eject_for = e.duration(&field("eject_for"), &h.eject_for, defaults::EJECT_FOR);
+    if interval < std::time::Duration::from_millis(100) {
+        e.add(field("interval"), "must be at least 100ms");
+    }
+    if timeout.is_zero() {
+        e.add(field("timeout"), "must be more than 0s");
+    } else if timeout > interval {
+        e.add(field("timeout"), "must not be longer than the interval");
+    }
+    HealthCheck {
+        probe,
+        interval,
+        timeout,
+        eject_for,
     }
 }
 
@@ -262,6 +336,22 @@ pub(super) fn build_routes(
             defaults::CONNECT_TIMEOUT,
         );
         let read_timeout = e.duration(&at("read_timeout"), &r.read_timeout, defaults::READ_TIMEOUT);
+        if upstreams.len() > defaults::MAX_UPSTREAMS {
+            e.add(
+                at("upstreams"),
+                format!("at most {} upstreams per route", defaults::MAX_UPSTREAMS),
+            );
+        }
+        for (j, u) in upstreams.iter().enumerate() {
+            if upstreams[..j].contains(u) {
+                e.add(
+                    format!("routes[{i}].upstreams[{j}]"),
+                    format!("`{u}` is listed twice"),
+                );
+            }
+        }
+        let selection = e.pick(&at("selection"), &r.selection);
+        let health = health_check(r.health_check.as_ref(), &at("health_check"), e);
         out.push(RouteConfig {
             name,
             host,
@@ -279,6 +369,8 @@ pub(super) fn build_routes(
             server_timing: r.server_timing,
             tls,
             h2: r.upstream_h2.unwrap_or(false),
+            selection,
+            health,
         });
     }
     out

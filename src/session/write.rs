@@ -32,6 +32,9 @@ pub struct WriteContext<'a> {
     /// when not tracked).
     pub ip: Option<&'a str>,
     pub user_agent: Option<&'a str>,
+    /// The tag a session created by this response gets (a `sticky` route
+    /// chose the upstream by it); `None`: a random one.
+    pub tag: Option<u32>,
 }
 
 /// How one of our cookies changes in the response.
@@ -314,7 +317,11 @@ impl Work {
             id: SessionId::random(),
             // After Destroy, keep the tag: the store then deletes the old
             // data and writes the new in one slot, atomically.
-            tag: self.destroy.map_or_else(random_tag, |d| d.tag),
+            tag: self
+                .destroy
+                .map(|d| d.tag)
+                .or(cx.tag)
+                .unwrap_or_else(random_tag),
             created: cx.now,
             expires: cx.now.saturating_add(cx.settings.lifetime),
             touched: cx.now,
@@ -1049,6 +1056,7 @@ mod tests {
                 now,
                 ip: None,
                 user_agent: None,
+                tag: None,
             }
         }
 
