@@ -110,7 +110,7 @@ BUCKETS = [
     ("of which the cookie codec (`Codec::open` + `Codec::seal`)", [r"gimlet::codec::Codec::(open|seal)$"]),
     ("pingora: header inserts (`insert_header` / `append_header`)", [r"^pingora_http::(insert|append)_header_value$"]),
     ("pingora: timers of the peer's `connection_timeout` and `read_timeout`", [r"^pingora_timeout::timer::TimerManager::register_timer$", r"^pingora_timeout::timer::TimerStub::poll", r"^pingora_timeout::timer::TimerManager::should_i_start_clock$"]),
-    ("idle wait for the next request's first byte (`idle::Lean`: peek, shutdown watch) and tokio timers (it, store timeouts)", [r"Stream as pingora_core::protocols::Peek>::try_peek", r"tokio::sync::watch::Receiver<T>::changed", r"^<tokio::time::sleep::Sleep as core::future::future::Future>::poll$", r"^core::ptr::drop_in_place<.*tokio::time::timeout::Timeout<"]),
+    ("idle wait for the next request's first byte (`downstream::Downstream`: peek, shutdown watch) and tokio timers (it, store timeouts)", [r"Stream as pingora_core::protocols::Peek>::try_peek", r"tokio::sync::watch::Receiver<T>::changed", r"^<tokio::time::sleep::Sleep as core::future::future::Future>::poll$", r"^core::ptr::drop_in_place<.*tokio::time::timeout::Timeout<"]),
     ("`memcpy` (futures moved into boxes, buffers)", [r"^__memcpy_avx_unaligned_erms$", r"^__memmove_avx_unaligned_erms$"]),
     ("allocator (`mi_malloc_aligned`, `mi_free`, realloc)", [r"^mi_malloc_aligned$", r"^mi_free$", r"^mi_realloc_aligned$", r"^mi_zalloc_aligned$"]),
 ]

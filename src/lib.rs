@@ -22,8 +22,9 @@
 //!    W3C trace context); [`exchange`]: one request's way
 //!    through the gateway, without pingora; [`proxy`]: the pingora hooks that
 //!    call it; [`admin`]: metrics, health and the session API.
-//! 7. [`server`]: wiring and signals; [`idle`]: pingora's HTTP/1 loop, with
-//!    idle connections that hold no request state; [`demo`]: the built-in
+//! 7. [`server`]: wiring and signals; [`downstream`]: pingora's HTTP/1 loop,
+//!    with idle connections that hold no request state, the header timeout
+//!    and the connection cap; [`demo`]: the built-in
 //!    demo app.
 //! 8. [`cli`]: the command line.
 
@@ -34,9 +35,9 @@ pub mod config;
 pub mod cookie;
 pub mod demo;
 pub mod directives;
+pub mod downstream;
 pub mod exchange;
 pub mod headers;
-pub mod idle;
 pub mod logging;
 pub mod metrics;
 pub mod model;

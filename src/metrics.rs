@@ -41,6 +41,11 @@ pub struct Metrics {
     /// Requests sent to each upstream, by the upstream's status (`error`:
     /// no response: a failed connection, a timeout, a reset).
     pub upstream_requests: IntCounterVec,
+    /// Client connections open on the proxy listeners.
+    pub connections_open: IntGauge,
+    /// Connections turned away: `max_connections` (answered `503`) or
+    /// `header_timeout` (closed).
+    pub connections_refused: IntCounterVec,
 }
 
 const LATENCY: &[f64] = &[
@@ -200,6 +205,19 @@ impl Metrics {
                 &registry,
                 IntGauge::new("gimlet_requests_in_flight", "Requests being served.").unwrap(),
             ),
+            connections_open: reg(
+                &registry,
+                IntGauge::new(
+                    "gimlet_connections_open",
+                    "Client connections open on the proxy listeners.",
+                )
+                .unwrap(),
+            ),
+            connections_refused: counter(
+                "gimlet_connections_refused_total",
+                "Client connections turned away: max_connections (answered 503) or header_timeout (closed).",
+                &["reason"],
+            ),
             admin_requests: counter(
                 "gimlet_admin_requests_total",
                 "Session API calls on the admin listener, by operation and status.",
@@ -258,6 +276,9 @@ impl Metrics {
         m.store_ops.with_label_values(&["write", "unknown"]);
         for r in ["ok", "error"] {
             m.config_reloads.with_label_values(&[r]);
+        }
+        for r in ["max_connections", "header_timeout"] {
+            m.connections_refused.with_label_values(&[r]);
         }
         m
     }

@@ -140,6 +140,14 @@ impl Pool {
         upstreams: Vec<(SocketAddr, String)>,
         tls: Option<PeerTls>,
     ) -> Result<Pool, String> {
+        // `Tried` is a bit per upstream (config load says the same).
+        if upstreams.len() > Tried::BITS as usize {
+            return Err(format!(
+                "routes `{}`: more than {} upstreams",
+                c.name,
+                Tried::BITS
+            ));
+        }
         let addrs: Vec<SocketAddr> = upstreams.iter().map(|(a, _)| *a).collect();
         for (j, a) in addrs.iter().enumerate() {
             if addrs[..j].contains(a) {
@@ -243,7 +251,11 @@ impl Pool {
             };
             found.and_then(|b| self.index(&b))
         };
+        // Nothing usable (an outage): straight to panic mode, without
+        // walking the ring 160 times per upstream first.
+        let any = (0..n).any(|i| usable(i, self.healthy(i)));
         let chosen = match self.selection {
+            _ if !any => None,
             Selection::LeastConn => self.least_loaded(&usable),
             _ => by_balancer(&usable),
         };
@@ -345,6 +357,10 @@ struct Probes {
     route: String,
     names: Vec<(SocketAddr, String)>,
     kind: ProbeKind,
+    /// The whole probe: pingora bounds the connect and each read, not a
+    /// health endpoint that trickles its body (one hung probe would stall
+    /// the pool's every later check).
+    timeout: std::time::Duration,
 }
 
 enum ProbeKind {
@@ -401,6 +417,7 @@ impl Probes {
             route: route.to_string(),
             names,
             kind,
+            timeout,
         }
     }
 
@@ -415,15 +432,24 @@ impl Probes {
 #[async_trait]
 impl Check for Probes {
     async fn check(&self, target: &Backend) -> pingora::Result<()> {
-        match &self.kind {
-            ProbeKind::Tcp(c) => c.check(target).await,
-            ProbeKind::Http(list) => {
-                let addr = target.addr.as_inet();
-                match list.iter().find(|(a, _)| Some(a) == addr) {
-                    Some((_, c)) => c.check(target).await,
-                    None => Ok(()),
+        let check = async {
+            match &self.kind {
+                ProbeKind::Tcp(c) => c.check(target).await,
+                ProbeKind::Http(list) => {
+                    let addr = target.addr.as_inet();
+                    match list.iter().find(|(a, _)| Some(a) == addr) {
+                        Some((_, c)) => c.check(target).await,
+                        None => Ok(()),
+                    }
                 }
             }
+        };
+        match tokio::time::timeout(self.timeout, check).await {
+            Ok(r) => r,
+            Err(_) => pingora::Error::e_explain(
+                pingora::ErrorType::ReadTimedout,
+                format!("the probe took longer than {:?}", self.timeout),
+            ),
         }
     }
 

@@ -692,6 +692,21 @@ impl ProxyHttp for Gateway {
     // idle keep-alive connection; 8 bytes there instead of 1 KB each.
     type CTX = Box<Ctx>;
 
+    /// Called as soon as pingora has parsed a request header (the
+    /// connection context is set for every HTTP/1 request, its first one
+    /// too, by [`crate::downstream`]): the header arrived within
+    /// `server.header_timeout`, so its clock stops.
+    fn on_connection_reuse(
+        &self,
+        _session: &mut pingora::proxy::Session,
+        _ctx: &mut Box<Ctx>,
+        prev: Box<dyn std::any::Any + Send + Sync>,
+    ) {
+        if let Some(header_read) = prev.downcast_ref::<Arc<std::sync::atomic::AtomicBool>>() {
+            header_read.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
     fn new_ctx(&self) -> Box<Ctx> {
         Box::new(Ctx {
             state: self.shared.state.load_full(),
@@ -799,10 +814,7 @@ impl ProxyHttp for Gateway {
             _ => 0,
         };
         let Some(i) = pool.pick(&tag.to_le_bytes(), ctx.tried, ctx.now) else {
-            return Err(Error::explain(
-                ConnectError,
-                "every upstream failed to connect",
-            ));
+            return Err(Error::explain(ConnectError, "every upstream failed to connect").into_up());
         };
         let peer = pool.peer(i);
         let addr = pool.members[i].addr;
@@ -1020,16 +1032,16 @@ impl ProxyHttp for Gateway {
         ctx: &mut Box<Ctx>,
         client_reused: bool,
     ) -> Box<Error> {
+        let _ = (session, ctx, client_reused);
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if ctx.answer.is_some()
-            || !session.req_header().method.is_idempotent()
-            || session.as_ref().retry_buffer_truncated()
-        {
-            // Our own answers are final: never replay the request upstream.
-            e.set_retry(false);
-        } else {
-            e.retry.decide_reuse(client_reused);
-        }
+        // Never send a request twice. The error came after the request (or
+        // part of it) went out: even a reused keep-alive connection that
+        // closed may have delivered it, and the app may have acted on it.
+        // pingora would retry idempotent methods here; a POST-like GET of a
+        // legacy app is not idempotent, and the headers forwarded for the
+        // session are spent. Only a failed connect is retried
+        // (`fail_to_connect`).
+        e.set_retry(false);
         e
     }
 

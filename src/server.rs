@@ -6,8 +6,8 @@
 
 use crate::admin::AdminApp;
 use crate::config::{Config, StoreKind};
+use crate::downstream::{Downstream, Limits};
 use crate::exchange::State;
-use crate::idle::Lean;
 use crate::metrics::Metrics;
 use crate::proxy::{Gateway, Shared};
 use crate::store::{
@@ -152,12 +152,20 @@ pub fn run(
     let gateway = Gateway {
         shared: shared.clone(),
     };
+    let mut app = pingora::proxy::http_proxy(&server.configuration, gateway);
+    let mut options = pingora::apps::HttpServerOptions::default();
+    // HTTP/2 connections: pingora's own loop; silent ones close after the
+    // keep-alive timeout too.
+    options.h2_idle_timeout = Some(config.server.keepalive_timeout);
+    app.server_options = Some(options);
+    let limits = Limits::new(&config.server, &shared.metrics);
+    crate::downstream::raise_fd_limit(config.server.max_connections);
     let mut proxy = Service::new(
         "gimlet proxy".to_string(),
-        Lean(Arc::new(pingora::proxy::http_proxy(
-            &server.configuration,
-            gateway,
-        ))),
+        Downstream {
+            app: Arc::new(app),
+            limits: limits.clone(),
+        },
     );
     let mut lines = Vec::new();
     // Every address the process will serve on, for the readiness notice.
@@ -227,6 +235,7 @@ pub fn run(
         Reloader {
             shared: shared.clone(),
             file: config.file.clone(),
+            limits,
         },
     ));
 
@@ -458,20 +467,31 @@ async fn watch_pool(
         None => return,
     };
     loop {
-        let Some(st) = state.upgrade() else {
-            // A reload dropped this upstream (or its route): drop its gauge.
-            let current = shared.state.load();
-            for (route, upstream) in &labels {
-                let kept = current
-                    .router
-                    .get(route)
-                    .is_some_and(|r| r.pool.members.iter().any(|u| &u.name == upstream));
-                if !kept {
-                    let _ = m.upstream_health.remove_label_values(&[route, upstream]);
+        // A config no longer served stops probing (requests still draining
+        // on it rely on passive ejection), and a reload that dropped this
+        // upstream (or its route) drops its series.
+        let current = shared.state.load();
+        let st = match state.upgrade() {
+            Some(st) if std::ptr::eq(current.as_ref(), st.as_ref()) => st,
+            _ => {
+                for (route, upstream) in &labels {
+                    let kept = current
+                        .router
+                        .get(route)
+                        .is_some_and(|r| r.pool.members.iter().any(|u| &u.name == upstream));
+                    if !kept {
+                        let _ = m.upstream_health.remove_label_values(&[route, upstream]);
+                        for status in (1..=600).map(crate::metrics::status_label).chain(["error"]) {
+                            let _ = m
+                                .upstream_requests
+                                .remove_label_values(&[route, upstream, status]);
+                        }
+                    }
                 }
+                return;
             }
-            return;
         };
+        drop(current);
         let r = &st.router.routes()[route];
         let pool = &r.pool;
         if pool.health.probe.is_some() {
@@ -525,6 +545,8 @@ async fn watch_pool(
 struct Reloader {
     shared: Arc<Shared>,
     file: PathBuf,
+    /// `server.header_timeout`, `keepalive_timeout`, `max_connections`.
+    limits: Arc<Limits>,
 }
 
 impl Reloader {
@@ -574,6 +596,7 @@ impl Reloader {
                     .map(|r| r.name.as_str())
                     .collect();
                 m.loaded(&names);
+                self.limits.set(&state.config.server);
                 self.shared.state.store(Arc::new(state));
                 m.config_reloads.with_label_values(&["ok"]).inc();
                 tracing::info!(routes, secrets, "config reloaded");

@@ -48,7 +48,7 @@ fn idle_connections_cost_little_memory() {
     // Once 114 KB each (pingora's 64 KiB read buffer), then 47 KB: pingora
     // built the next request's state (a 13-16 KB future, a 4 KiB header
     // buffer) as soon as a response was sent and kept it while the client
-    // stayed silent. `idle::Lean` waits for the first byte instead. A
+    // stayed silent. `downstream::Downstream` waits for the first byte instead. A
     // release build holds 9 KB per idle keep-alive connection and 14 KB per
     // silent new one (bench/chaos, row idle-and-slowloris, holds <= 16 KB);
     // this debug build 13-16 KB, its futures being larger.
@@ -56,7 +56,7 @@ fn idle_connections_cost_little_memory() {
     assert!(kept < 24, "{kept} KB per idle keep-alive connection");
 }
 
-/// What `idle::Lean` changes stays invisible to clients: a keep-alive
+/// What `downstream::Downstream` changes stays invisible to clients: a keep-alive
 /// connection silent for a while is served its next request, and a request
 /// that arrives one byte at a time is answered whole. Two requests in one
 /// write get pingora's answer, as before: the first, then a close (it does

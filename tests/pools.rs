@@ -510,6 +510,9 @@ fn pool_config_errors_name_the_field() {
         ("    selection: fastest\n", "routes[0].selection: expected one of round_robin, least_conn, sticky"),
         ("    health_check: { tcp: true, path: /h }\n", "routes[0].health_check: give `tcp: true` or `path`, not both"),
         ("    health_check: { path: healthz }\n", "routes[0].health_check.path: must start with `/`"),
+        ("    health_check: { path: \"/h<x>\" }\n", "routes[0].health_check.path: must start with `/` and be a valid request target"),
+        ("    health_check: { path: \"/h#frag\" }\n", "routes[0].health_check.path: must start with `/` and be a valid request target"),
+        ("    health_check: { path: \"/h`x\" }\n", "routes[0].health_check.path: must start with `/` and be a valid request target"),
         ("    health_check: { path: /h, expect: 700 }\n", "routes[0].health_check.expect: must be an HTTP status"),
         ("    health_check: { tcp: true, interval: 10ms }\n", "routes[0].health_check.interval: must be at least 100ms"),
         ("    health_check: { tcp: true, interval: 1s, timeout: 2s }\n", "routes[0].health_check.timeout: must not be longer than the interval"),
@@ -548,4 +551,68 @@ fn pool_config_errors_name_the_field() {
     ] {
         assert!(c.stdout.contains(want), "{want}: {}", c.stdout);
     }
+}
+
+/// A request that reached an upstream is never sent again, not even a GET
+/// on a reused keep-alive connection that the upstream closes instead of
+/// answering (pingora would retry it, on another upstream and without the
+/// session's headers). The upstream here answers the first request of each
+/// connection, then reads the second and hangs up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_that_reached_an_upstream_is_never_sent_twice() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let seen = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16384];
+                for nth in 0..2 {
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    if nth == 0 {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .await;
+                    }
+                }
+                // The second request: read, then closed without an answer.
+            });
+        }
+    });
+    let other = Backend::start();
+    let g = Gateway::start(&yaml(&[addr.to_string(), other.addr()], ""));
+    let c = client();
+    // Round robin over two: requests 1 and 3 go to the closing upstream,
+    // the third on the connection the first left in the pool.
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses.push(send(&c, c.get(g.url("/once"))).await.status);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 502).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        2,
+        "the closing upstream saw a request twice"
+    );
+    assert_eq!(
+        other.hits.load(Ordering::SeqCst),
+        2,
+        "the failed request was replayed on the other upstream"
+    );
 }

@@ -7,6 +7,13 @@ use std::time::Duration;
 pub const LISTEN: &str = "0.0.0.0:8080";
 /// `server.grace_period`: how long SIGTERM lets requests finish.
 pub const GRACE_PERIOD: Duration = Duration::from_secs(5);
+/// `server.header_timeout`: Go's and most gateways' advice for slow
+/// clients; nginx's `client_header_timeout` is 60s.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// `server.keepalive_timeout`: pingora's own keep-alive default.
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(60);
+/// `server.max_connections`: client connections at once.
+pub const MAX_CONNECTIONS: usize = 10_000;
 
 /// `session.cookie.name`.
 pub const COOKIE_NAME: &str = "gimlet";

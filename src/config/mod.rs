@@ -149,6 +149,12 @@ pub struct StoreConfig {
 pub struct ServerConfig {
     pub threads: usize,
     pub grace_period: Duration,
+    /// From a connection's accept (its first request) or a request's first
+    /// byte (later ones) to the end of its header.
+    pub header_timeout: Duration,
+    /// Silence allowed between two requests on one connection.
+    pub keepalive_timeout: Duration,
+    pub max_connections: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -414,7 +420,32 @@ fn build(raw: RawConfig, file: &Path, base: &Path, e: &mut Errors) -> Config {
             &raw.server.grace_period,
             defaults::GRACE_PERIOD,
         ),
+        header_timeout: e.duration(
+            "server.header_timeout",
+            &raw.server.header_timeout,
+            defaults::HEADER_TIMEOUT,
+        ),
+        keepalive_timeout: e.duration(
+            "server.keepalive_timeout",
+            &raw.server.keepalive_timeout,
+            defaults::KEEPALIVE_TIMEOUT,
+        ),
+        max_connections: match raw.server.max_connections {
+            Some(0) => {
+                e.add("server.max_connections", "must be at least 1");
+                1
+            }
+            Some(n) => n,
+            None => defaults::MAX_CONNECTIONS,
+        },
     };
+    if server.header_timeout < Duration::from_millis(100) {
+        e.add("server.header_timeout", "must be at least 100ms");
+    }
+    // pingora counts keep-alive in whole seconds.
+    if server.keepalive_timeout < Duration::from_secs(1) {
+        e.add("server.keepalive_timeout", "must be at least 1s");
+    }
 
     let paths = PathsConfig {
         keep_escaped_separators: e.choice(

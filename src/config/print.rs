@@ -202,7 +202,13 @@ impl Config {
                 "track": track,
             },
             "store": store,
-            "server": { "threads": self.server.threads, "grace_period": dur(self.server.grace_period) },
+            "server": {
+                "threads": self.server.threads,
+                "grace_period": dur(self.server.grace_period),
+                "header_timeout": dur(self.server.header_timeout),
+                "keepalive_timeout": dur(self.server.keepalive_timeout),
+                "max_connections": self.server.max_connections,
+            },
             "paths": { "escaped_separators": if self.paths.keep_escaped_separators { "keep" } else { "reject" } },
             "tracing": { "otlp": self.tracing.as_ref().map(|o| json!({
                 "endpoint": url(&o.endpoint),

@@ -316,6 +316,12 @@ pub(super) struct RawStore {
 pub(super) struct RawServer {
     pub(super) threads: Option<usize>,
     pub(super) grace_period: Option<Str>,
+    /// How long a client has to send a whole request header.
+    pub(super) header_timeout: Option<Str>,
+    /// How long a connection may stay silent between requests.
+    pub(super) keepalive_timeout: Option<Str>,
+    /// Client connections served at once; past it, `503`.
+    pub(super) max_connections: Option<usize>,
 }
 
 #[derive(schemars::JsonSchema, Deserialize)]

@@ -78,8 +78,18 @@ fn health_check(raw: Option<&RawHealthCheck>, at: &str, e: &mut Errors) -> Healt
         (true, None) => Some(Probe::Tcp),
         (false, Some(p)) => {
             let p = p.trim().to_string();
-            if !p.starts_with('/') || p.bytes().any(|b| b.is_ascii_control() || b == b' ') {
-                e.add(field("path"), "must start with `/` and hold no spaces");
+            // The probe sends it as its request target: what the http
+            // crate takes as one (no `#`, no `<>` or spaces), and short.
+            if !p.starts_with('/')
+                || p.len() > 1024
+                || p.contains('#')
+                || p.bytes().any(|b| b.is_ascii_control() || b == b' ')
+                || http::Uri::try_from(p.as_str()).is_err()
+            {
+                e.add(
+                    field("path"),
+                    "must start with `/` and be a valid request target (no spaces or `#`, at most 1024 bytes)",
+                );
             }
             let expect = h.expect.unwrap_or(defaults::HEALTH_EXPECT);
             if !(100..=599).contains(&expect) {
