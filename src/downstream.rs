@@ -33,18 +33,27 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora::http::ResponseHeader;
+use pingora::protocols;
 use pingora::protocols::http::ServerSession;
 use pingora::protocols::{Stream, ALPN};
 use pingora::server::ShutdownWatch;
 use prometheus::{IntCounter, IntGauge};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 /// How long a connection over the cap may take to send its request
 /// header before it is closed without an answer.
 const REFUSE_READ: Duration = Duration::from_secs(1);
+/// A client that stops reading a response: nginx's `send_timeout` (the
+/// wait for one write). Reads from clients have pingora's 60 s per read
+/// (nginx's `client_body_timeout`).
+const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 const REFUSE_BODY: &[u8] =
     b"gimlet: too many connections (server.max_connections); try again shortly\n";
 
@@ -104,11 +113,13 @@ impl Limits {
 
     fn acquire(self: &Arc<Self>) -> Option<Slot> {
         let max = self.max.load(Ordering::Relaxed);
-        let was = self.open.fetch_add(1, Ordering::AcqRel);
-        if was >= max {
-            self.open.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
+        // Counted only below the cap: a refused connection never holds a
+        // place another one could have had.
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
         self.open_gauge.inc();
         Some(Slot(self.clone()))
     }
@@ -154,8 +165,21 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Downstream<A> {
             return None;
         };
         let app = &self.app;
+        // (Gimlet never turns h2c on; with it, pingora's loop would take
+        // every plain connection.)
         let h2c = app.server_options().is_some_and(|o| o.h2c);
-        if h2c || matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            let stream: Stream = Box::new(PrefaceDeadline {
+                inner: stream,
+                missing: H2_PREFACE_LEN,
+                deadline: Box::pin(tokio::time::sleep_until(
+                    accepted + self.limits.header_timeout(),
+                )),
+                timeouts: self.limits.refused_slow.clone(),
+            });
+            return ServerApp::process_new(app, stream, shutdown).await;
+        }
+        if h2c {
             return ServerApp::process_new(app, stream, shutdown).await;
         }
         let tls = stream.get_ssl_digest().is_some();
@@ -220,13 +244,18 @@ impl<A: HttpServerApp + Send + Sync + 'static> ServerApp for Downstream<A> {
                     app.server_options().and_then(|o| o.keepalive_request_limit),
                 );
             }
-            let mut persist = match settings.take() {
-                Some(s) if !first_request => s,
-                _ => HttpPersistentSettings::for_session(&session),
-            };
             header_read.store(false, Ordering::Release);
-            persist.set_user_context(Box::new(header_read.clone()));
-            persist.apply_to_session(&mut session);
+            let signal: Box<dyn std::any::Any + Send + Sync> = Box::new(header_read.clone());
+            match settings.take() {
+                Some(mut persist) if !first_request => {
+                    persist.set_user_context(signal);
+                    persist.apply_to_session(&mut session);
+                }
+                // The first request: no settings to apply (applying them
+                // counts a reuse).
+                _ => session.set_connection_user_context(Some(signal)),
+            }
+            session.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT));
             first_request = false;
 
             let serve = app.process_new_http(session, &shutdown);
@@ -332,5 +361,132 @@ pub fn raise_fd_limit(max_connections: usize) {
             needed,
             "server.max_connections needs more open files than the process may have; raise LimitNOFILE (systemd) or ulimit -n, or lower max_connections"
         );
+    }
+}
+
+/// An HTTP/2 connection's stream until the client preface is in: reads
+/// fail once `header_timeout` has passed. pingora's HTTP/2 handshake waits
+/// for the preface without a bound (its idle timeout starts after it), so a
+/// TLS client that negotiates `h2` and then says nothing would hold a
+/// connection slot for good. Past the preface the wrapper is a pass-through;
+/// pingora's `h2_idle_timeout` bounds a connection with no stream.
+#[derive(Debug)]
+struct PrefaceDeadline {
+    inner: Stream,
+    /// Preface bytes still to come; 0: no deadline any more.
+    missing: usize,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    timeouts: IntCounter,
+}
+
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
+const H2_PREFACE_LEN: usize = 24;
+
+impl AsyncRead for PrefaceDeadline {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let n = buf.filled().len() - before;
+                this.missing = this.missing.saturating_sub(n);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if this.missing > 0 && this.deadline.as_mut().poll(cx).is_ready() => {
+                this.missing = 0;
+                this.timeouts.inc();
+                Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no HTTP/2 preface within server.header_timeout",
+                )))
+            }
+            other => other,
+        }
+    }
+}
+
+impl AsyncWrite for PrefaceDeadline {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl protocols::Shutdown for PrefaceDeadline {
+    async fn shutdown(&mut self) {
+        protocols::Shutdown::shutdown(self.inner.as_mut()).await
+    }
+}
+
+impl protocols::UniqueID for PrefaceDeadline {
+    fn id(&self) -> protocols::UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl protocols::Ssl for PrefaceDeadline {
+    fn get_ssl(&self) -> Option<&protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+    fn get_ssl_digest(&self) -> Option<Arc<protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl protocols::GetTimingDigest for PrefaceDeadline {
+    fn get_timing_digest(&self) -> Vec<Option<protocols::TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl protocols::GetProxyDigest for PrefaceDeadline {
+    fn get_proxy_digest(&self) -> Option<Arc<protocols::raw_connect::ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+}
+
+impl protocols::GetSocketDigest for PrefaceDeadline {
+    fn get_socket_digest(&self) -> Option<Arc<protocols::SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+}
+
+#[async_trait]
+impl protocols::Peek for PrefaceDeadline {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
+        self.inner.try_peek(buf).await
     }
 }

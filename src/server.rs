@@ -597,6 +597,7 @@ impl Reloader {
                     .collect();
                 m.loaded(&names);
                 self.limits.set(&state.config.server);
+                crate::downstream::raise_fd_limit(state.config.server.max_connections);
                 self.shared.state.store(Arc::new(state));
                 m.config_reloads.with_label_values(&["ok"]).inc();
                 tracing::info!(routes, secrets, "config reloaded");

@@ -311,20 +311,11 @@ fn raw_get(s: &mut std::net::TcpStream, path: &str) -> (u16, String) {
         let n = s.read(&mut chunk).unwrap();
         assert!(n > 0, "connection closed");
         buf.extend_from_slice(&chunk[..n]);
-        let text = String::from_utf8_lossy(&buf).to_string();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let len: usize = text[..end]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap())
-                })
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                let status = text[9..12].parse().unwrap();
-                return (status, text[end + 4..].to_string());
-            }
+        if response_len(&buf).is_some() {
+            let text = String::from_utf8_lossy(&buf).to_string();
+            let end = text.find("\r\n\r\n").unwrap();
+            let status = text[9..12].parse().unwrap();
+            return (status, text[end + 4..].to_string());
         }
     }
 }

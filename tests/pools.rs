@@ -220,6 +220,7 @@ async fn a_dead_upstream_is_skipped_within_one_interval_and_used_again_when_back
         }
         let hits = bs[1].hits.load(Ordering::SeqCst);
         let took = until_health(&g, &bs[1], 0.0, interval * 3).await;
+        println!("{probe}: out of service {took:?} after it died (interval {interval:?})");
         assert!(
             took <= interval + Duration::from_millis(400),
             "{probe}: ejected after {took:?}"
@@ -242,6 +243,7 @@ async fn a_dead_upstream_is_skipped_within_one_interval_and_used_again_when_back
             bs[1].resume();
         }
         let took = until_health(&g, &bs[1], 1.0, interval * 3).await;
+        println!("{probe}: back in service {took:?} after it returned");
         assert!(
             took <= interval + Duration::from_millis(400),
             "{probe}: back after {took:?}"

@@ -58,19 +58,8 @@ async fn read_response(s: &mut TcpStream) -> String {
         let n = s.read(&mut buf).await.unwrap();
         assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
         got.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&got).into_owned();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let len: usize = text[..end]
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-length:")
-                        .map(|v| v.trim().parse().unwrap())
-                })
-                .unwrap_or(0);
-            if got.len() >= end + 4 + len {
-                return text;
-            }
+        if response_len(&got).is_some() {
+            return String::from_utf8_lossy(&got).into_owned();
         }
     }
 }
@@ -296,8 +285,47 @@ async fn a_header_dribbled_over_tls_is_cut_at_header_timeout() {
         lived >= Duration::from_millis(1400) && lived < Duration::from_millis(4000),
         "a TLS slowloris lived {lived:?}"
     );
-    // A normal HTTPS request is served.
+    // An HTTP/2 client (ALPN h2) that never sends its preface is closed
+    // at header_timeout too (pingora's HTTP/2 handshake would wait forever).
+    let t = Instant::now();
+    let mut silent = Command::new("openssl")
+        .args(["s_client", "-quiet", "-alpn", "h2", "-connect"])
+        .arg(https.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdin = silent.stdin.take().unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        let r = silent.wait();
+        drop(stdin);
+        r
+    });
+    let status = tokio::time::timeout(Duration::from_secs(10), status)
+        .await
+        .expect("a silent HTTP/2 client was never closed")
+        .unwrap()
+        .unwrap();
+    let lived = t.elapsed();
+    let _ = status;
+    assert!(
+        lived >= Duration::from_millis(1400) && lived < Duration::from_millis(4000),
+        "a silent HTTP/2 client lived {lived:?}"
+    );
+    // A normal HTTPS request is served, over HTTP/2 as over HTTP/1.1.
+    let h2 = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap()
+        .get(format!("https://{https}/ok"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(h2.status(), 200);
+    assert_eq!(h2.version(), reqwest::Version::HTTP_2);
     let r = reqwest::Client::builder()
+        .http1_only()
         .danger_accept_invalid_certs(true)
         .build()
         .unwrap()
@@ -309,7 +337,41 @@ async fn a_header_dribbled_over_tls_is_cut_at_header_timeout() {
     assert_eq!(
         g.metric("gimlet_connections_refused_total{reason=\"header_timeout\"}")
             .await,
-        1.0
+        2.0
+    );
+}
+
+/// The header clock stops at the end of the header: a body sent slowly
+/// and an answer that takes long are not cut.
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_bodies_and_long_answers_outlive_header_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = Upstream::start();
+    let g = start(dir.path(), &up, "", "header_timeout: 1s");
+    let mut s = TcpStream::connect(g.addr).await.unwrap();
+    let t = Instant::now();
+    s.write_all(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n")
+        .await
+        .unwrap();
+    for b in b"0123456789" {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        s.write_all(&[*b]).await.unwrap();
+    }
+    let r = read_response(&mut s).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(t.elapsed() > Duration::from_millis(2400));
+    // On the same connection: an answer that takes 2 s.
+    let t = Instant::now();
+    s.write_all(b"GET /slow?sleep_ms=2000 HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let r = read_response(&mut s).await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(t.elapsed() >= Duration::from_millis(2000));
+    assert_eq!(
+        g.metric("gimlet_connections_refused_total{reason=\"header_timeout\"}")
+            .await,
+        0.0
     );
 }
 

@@ -779,6 +779,28 @@ pub fn raw_get(addr: SocketAddr, target: &str, headers: &[String]) -> Resp {
     raw_request(addr, &head)
 }
 
+/// The length of the first response in `buf` once it is all there (head
+/// and `Content-Length` body), for readers of a keep-alive connection.
+pub fn response_len(buf: &[u8]) -> Option<usize> {
+    let mut hs = [httparse::EMPTY_HEADER; 64];
+    let mut r = httparse::Response::new(&mut hs);
+    let Ok(httparse::Status::Complete(head)) = r.parse(buf) else {
+        return None;
+    };
+    let body = r
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .map_or(0, |h| {
+            std::str::from_utf8(h.value)
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap()
+        });
+    (buf.len() >= head + body).then_some(head + body)
+}
+
 /// The last response in `buf` (interim 1xx responses skipped, kept in
 /// `headers` as `(":interim", status)` entries followed by their fields).
 pub fn parse_raw_response(buf: &[u8]) -> Resp {
