@@ -422,6 +422,10 @@ impl Store {
         }
     }
 
+    // The SQL arms are boxed: sqlx's futures are tens of KB, and a match
+    // over variants makes one future as large as its largest arm, moved on
+    // every read and write of every store kind (callgrind: +190k
+    // instructions of memcpy per embedded or Redis read).
     pub async fn load(
         &self,
         key: &StoreKey,
@@ -432,7 +436,7 @@ impl Store {
             Store::Memory(s) => s.load(key, mask, check).await,
             Store::Embedded(s) => s.load(key, mask, check).await,
             Store::Redis(s) => s.load(key, mask, check).await,
-            Store::Sql(s) => s.load(key, mask, check).await,
+            Store::Sql(s) => Box::pin(s.load(key, mask, check)).await,
         }
     }
 
@@ -441,7 +445,7 @@ impl Store {
             Store::Memory(s) => s.write(batch).await,
             Store::Embedded(s) => s.write(batch).await,
             Store::Redis(s) => s.write(batch).await,
-            Store::Sql(s) => s.write(batch).await,
+            Store::Sql(s) => Box::pin(s.write(batch)).await,
         }
     }
 
@@ -477,7 +481,7 @@ impl Store {
                 Ok(r) => r,
             },
             // One statement in its own transaction: all of it or none.
-            Store::Sql(s) => match tokio::time::timeout(timeout, s.write(batch)).await {
+            Store::Sql(s) => match tokio::time::timeout(timeout, Box::pin(s.write(batch))).await {
                 Err(_) => Err(StoreError::Unknown("sql: no answer in time".into())),
                 Ok(r) => r,
             },
@@ -489,7 +493,7 @@ impl Store {
             Store::Memory(s) => s.user_sessions(user).await,
             Store::Embedded(s) => s.user_sessions(user).await,
             Store::Redis(s) => s.user_sessions(user).await,
-            Store::Sql(s) => s.user_sessions(user).await,
+            Store::Sql(s) => Box::pin(s.user_sessions(user)).await,
         }
     }
 
@@ -502,7 +506,7 @@ impl Store {
             Store::Memory(s) => s.end(sessions, user).await,
             Store::Embedded(s) => s.end(sessions, user).await,
             Store::Redis(s) => s.end(sessions, user).await,
-            Store::Sql(s) => s.end(sessions, user).await,
+            Store::Sql(s) => Box::pin(s.end(sessions, user)).await,
         }
     }
 
@@ -515,7 +519,7 @@ impl Store {
             Store::Memory(s) => s.inspect(id, tag).await,
             Store::Embedded(s) => s.inspect(id, tag).await,
             Store::Redis(s) => s.inspect(id, tag).await,
-            Store::Sql(s) => s.inspect(id, tag).await,
+            Store::Sql(s) => Box::pin(s.inspect(id, tag)).await,
         }
     }
 
@@ -524,7 +528,7 @@ impl Store {
             Store::Memory(s) => s.ping().await,
             Store::Embedded(s) => s.ping().await,
             Store::Redis(s) => s.ping().await,
-            Store::Sql(s) => s.ping().await,
+            Store::Sql(s) => Box::pin(s.ping()).await,
         }
     }
 }
