@@ -25,6 +25,14 @@ fn yaml(up: &Upstream, listen: &str, server: &str) -> String {
     )
 }
 
+/// `gimlet_connections_refused_total{reason}`.
+async fn refused(g: &Gateway, reason: &str) -> f64 {
+    g.metric(&format!(
+        "gimlet_connections_refused_total{{reason=\"{reason}\"}}"
+    ))
+    .await
+}
+
 /// 2,200 client sockets here and as many in the gateway: raise this
 /// process's open-files limit (the gateway inherits it and raises its own).
 fn raise_nofile(want: u64) {
@@ -196,11 +204,7 @@ async fn idle_and_slowloris_clients_do_not_slow_normal_requests() {
             "silent lived {lived:?}"
         );
     }
-    assert_eq!(
-        g.metric("gimlet_connections_refused_total{reason=\"header_timeout\"}")
-            .await,
-        220.0
-    );
+    assert_eq!(refused(&g, "header_timeout").await, 220.0);
     // The idle keep-alive connections are still open (they sent their
     // header in time), and still served.
     assert!(
@@ -334,11 +338,7 @@ async fn a_header_dribbled_over_tls_is_cut_at_header_timeout() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(
-        g.metric("gimlet_connections_refused_total{reason=\"header_timeout\"}")
-            .await,
-        2.0
-    );
+    assert_eq!(refused(&g, "header_timeout").await, 2.0);
 }
 
 /// The header clock stops at the end of the header: a body sent slowly
@@ -368,11 +368,7 @@ async fn slow_bodies_and_long_answers_outlive_header_timeout() {
     let r = read_response(&mut s).await;
     assert!(r.starts_with("HTTP/1.1 200"), "{r}");
     assert!(t.elapsed() >= Duration::from_millis(2000));
-    assert_eq!(
-        g.metric("gimlet_connections_refused_total{reason=\"header_timeout\"}")
-            .await,
-        0.0
-    );
+    assert_eq!(refused(&g, "header_timeout").await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -403,11 +399,7 @@ async fn connections_past_max_connections_get_a_clear_503_and_reload_moves_the_c
     }
     // The upstream never saw them; the admin listener is not capped.
     assert_eq!(g.metric("gimlet_connections_open").await, 20.0);
-    assert_eq!(
-        g.metric("gimlet_connections_refused_total{reason=\"max_connections\"}")
-            .await,
-        2.0
-    );
+    assert_eq!(refused(&g, "max_connections").await, 2.0);
     assert!(
         g.log().contains("server.max_connections reached"),
         "{}",
